@@ -1,0 +1,309 @@
+"""Grid specs: one TOML file per grid in ablations/grids/, validated on load, expanded into RunSpecs.
+
+A grid names base settings (`[run]`), Cartesian axes (`[axes]`), zipped axes whose values move together
+(`[zip.NAME]`), seeds, an optional early stop, per-budget overrides (`[budgets.cpu]`) and the claims it
+tests (`[[claims]]`). Every error names the file, the key and what was expected."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ablations.errors import UserError
+from ablations.models import ACTIVATIONS, INITS, POOLINGS, TOWERS, ModelSpec
+from ablations.spec import AUGMENT, DATASETS, PRECISIONS, PREPROCESS, SCHEDULES, RunSpec
+
+GRIDS_DIR = Path(__file__).parent / "grids"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelSpec) if f.name != "num_classes"}
+_RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunSpec) if f.name not in ("model", "grid", "axes")}
+# every key a grid may set: run fields, model fields, and lr_scale (multiplies lr: a sweep around a base rate)
+
+
+def _type_name(t: Any) -> str:
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+FIELDS: dict[str, str] = {k: _type_name(f.type) for k, f in {**_RUN_FIELDS, **_MODEL_FIELDS}.items()}
+FIELDS["lr_scale"] = "float"
+
+CHOICES: dict[str, tuple] = {
+    "arch": ("alexnet", "convnet4"),
+    "activation": tuple(ACTIVATIONS),
+    "pooling": tuple(POOLINGS),
+    "init": INITS,
+    "towers": TOWERS,
+    "dataset": tuple(DATASETS),
+    "preprocess": PREPROCESS,
+    "augment": AUGMENT,
+    "test_crops": (1, 10),
+    "schedule": SCHEDULES,
+    "precision": PRECISIONS,
+    "early_stop_metric": ("", "train_error", "train_loss", "test_error"),
+}
+# (lowest allowed, whether the bound itself is allowed)
+BOUNDS: dict[str, tuple[float, bool]] = {
+    "epochs": (1, True), "batch_size": (1, True), "lr": (0, False), "lr_scale": (0, False),
+    "momentum": (0, True), "weight_decay": (0, True), "width": (0, False), "devices": (1, True),
+    "dropout": (0, True), "subset": (0, True), "test_subset": (0, True), "step_epochs": (1, True),
+    "plateau_patience": (0, True), "max_lr_drops": (0, True), "early_stop_below": (0, True),
+    "loss_target": (0, True), "seed": (0, True),
+}
+UPPER: dict[str, float] = {"dropout": 0.99, "momentum": 0.999}
+CLAIM_KEYS = {"id", "paper_claim", "title", "metric", "axis", "a", "b", "effect", "paper", "tune", "fixed", "note"}
+TOP_KEYS = {"title", "description", "seeds", "run", "axes", "zip", "early_stop", "budgets", "claims", "loss_target"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    path: Path
+    title: str
+    description: str
+    seeds: tuple[int, ...]
+    base: dict[str, Any]
+    axes: dict[str, list]  # Cartesian
+    zips: dict[str, dict[str, list]]  # name -> {key: values}, all of one length
+    budgets: dict[str, dict[str, Any]]
+    claims: tuple[dict[str, Any], ...]
+
+    @property
+    def axis_names(self) -> list[str]:
+        names = list(self.axes)
+        for zname, group in self.zips.items():
+            names += [zname] + [k for k in group if k != zname]
+        return names
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "title": self.title, "description": self.description,
+                "axes": self.axis_names, "claims": list(self.claims), "seeds": list(self.seeds),
+                "budgets": sorted(self.budgets)}
+
+
+def grid_names() -> list[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
+
+
+def grid_path(name: str) -> Path:
+    """Resolve a grid name to its file; names cannot reach outside the grids folder."""
+    if not _NAME_RE.match(name or ""):
+        raise UserError(f"grid name {name!r} is not a grid name (letters, digits, '_' and '-' only); "
+                        f"known grids: {', '.join(grid_names())}")
+    path = GRIDS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(f"unknown grid {name!r}; known grids: {', '.join(grid_names())} (see `ablate list`)")
+    return path
+
+
+def load_grid(name: str) -> Grid:
+    return parse_grid(name, grid_path(name))
+
+
+def parse_grid(name: str, path: Path) -> Grid:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: not valid TOML ({err}); fix the file") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    where = str(path)
+    _no_unknown(raw, TOP_KEYS, where, "top-level key")
+    base = dict(raw.get("run", {}))
+    _check_table(base, where, "run")
+    for key, value in base.items():
+        check_value(key, value, f"{where}: run.{key}")
+    if "early_stop" in raw:
+        es = raw["early_stop"]
+        _no_unknown(es, {"metric", "below"}, where, "early_stop key")
+        base["early_stop_metric"] = es.get("metric", "")
+        base["early_stop_below"] = es.get("below", 0.0)
+        check_value("early_stop_metric", base["early_stop_metric"], f"{where}: early_stop.metric")
+        check_value("early_stop_below", base["early_stop_below"], f"{where}: early_stop.below")
+    if "loss_target" in raw:
+        check_value("loss_target", raw["loss_target"], f"{where}: loss_target")
+        base["loss_target"] = raw["loss_target"]
+
+    axes = raw.get("axes", {})
+    _check_table(axes, where, "axes")
+    for key, values in axes.items():
+        _check_axis(key, values, f"{where}: axes.{key}")
+    zips = raw.get("zip", {})
+    _check_table(zips, where, "zip")
+    seen = set(axes)
+    for zname, group in zips.items():
+        _check_table(group, where, f"zip.{zname}")
+        if not group:
+            raise UserError(f"{where}: zip.{zname} is empty; give it at least one key with a list of values")
+        lengths = {len(v) if isinstance(v, list) else -1 for v in group.values()}
+        if len(lengths) != 1 or -1 in lengths:
+            raise UserError(f"{where}: zip.{zname}: every key needs a list of values of the same length")
+        for key, values in group.items():
+            _check_axis(key, values, f"{where}: zip.{zname}.{key}", label=key == zname and key not in FIELDS,
+                        distinct=False)
+        rows = list(zip(*group.values()))
+        if len({repr(r) for r in rows}) != len(rows):
+            raise UserError(f"{where}: zip.{zname}: two rows are the same; list each combination once")
+        dup = seen & (set(group) | {zname})
+        if dup:
+            raise UserError(f"{where}: axis {sorted(dup)[0]!r} is given twice; each axis may appear once")
+        seen |= set(group) | {zname}
+
+    seeds = raw.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds
+            or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise UserError(f"{where}: seeds: expected a non-empty list of distinct non-negative integers, got {seeds!r}")
+
+    budgets = raw.get("budgets", {})
+    _check_table(budgets, where, "budgets")
+    for bname, table in budgets.items():
+        _check_table(table, where, f"budgets.{bname}")
+        for key, value in table.items():
+            if key == "seeds":
+                continue
+            check_value(key, value, f"{where}: budgets.{bname}.{key}")
+
+    axis_values = {**axes, **{k: v for g in zips.values() for k, v in g.items()}}
+    claims = tuple(_check_claim(c, i, where, axis_values) for i, c in enumerate(raw.get("claims", [])))
+    return Grid(name=name, path=path, title=raw.get("title", name), description=raw.get("description", ""),
+                seeds=tuple(seeds), base=base, axes=axes, zips=zips, budgets=budgets, claims=claims)
+
+
+def _no_unknown(table: dict, allowed: set[str], where: str, what: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise UserError(f"{where}: unknown {what} {key!r}; expected one of {', '.join(sorted(allowed))}")
+
+
+def _check_table(value: Any, where: str, key: str) -> None:
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: {key} must be a table, got {type(value).__name__}")
+
+
+def _check_axis(key: str, values: Any, where: str, label: bool = False, distinct: bool = True) -> None:
+    if not label and key not in FIELDS:
+        raise UserError(f"{where}: unknown axis {key!r}; axes can be: {', '.join(sorted(FIELDS))}")
+    if not isinstance(values, list) or not values:
+        raise UserError(f"{where}: expected a non-empty list of values, got {values!r}")
+    if distinct and len({repr(v) for v in values}) != len(values):
+        raise UserError(f"{where}: values repeat in {values!r}; list each value once")
+    if not label:
+        for v in values:
+            check_value(key, v, where)
+
+
+def check_value(key: str, value: Any, where: str) -> Any:
+    """Type, choice and range check for one setting; returns the value (ints widened to float where needed)."""
+    if key not in FIELDS:
+        raise UserError(f"{where}: unknown setting {key!r}; valid settings: {', '.join(sorted(FIELDS))}")
+    kind = FIELDS[key]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }.get(kind, True)
+    if not ok:
+        raise UserError(f"{where}: expected {kind} for {key!r}, got {value!r} ({type(value).__name__})")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise UserError(f"{where}: {value!r} is not a valid {key}; expected one of "
+                        f"{', '.join(repr(c) for c in CHOICES[key])}")
+    if key in BOUNDS:
+        low, inclusive = BOUNDS[key]
+        if value < low or (value == low and not inclusive):
+            rel = ">=" if inclusive else ">"
+            raise UserError(f"{where}: {key} must be {rel} {low:g}, got {value!r}")
+    if key in UPPER and value > UPPER[key]:
+        raise UserError(f"{where}: {key} must be <= {UPPER[key]:g}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+def _check_claim(claim: Any, i: int, where: str, axis_values: dict[str, list]) -> dict[str, Any]:
+    at = f"{where}: claims[{i}]"
+    _check_table(claim, where, f"claims[{i}]")
+    _no_unknown(claim, CLAIM_KEYS, at, "claim key")
+    for key in ("id", "metric", "axis", "a", "b", "effect"):
+        if key not in claim:
+            raise UserError(f"{at}: missing {key!r}; a claim needs id, metric, axis, a, b, effect")
+    if claim["axis"] not in axis_values:
+        raise UserError(f"{at}: axis {claim['axis']!r} is not an axis of this grid ({', '.join(axis_values)})")
+    for side in ("a", "b"):
+        if claim[side] not in axis_values[claim["axis"]]:
+            raise UserError(f"{at}: {side} = {claim[side]!r} is not a value of axis {claim['axis']!r} "
+                            f"({axis_values[claim['axis']]!r})")
+    if claim["effect"] not in ("ratio", "difference"):
+        raise UserError(f"{at}: effect must be 'ratio' or 'difference', got {claim['effect']!r}")
+    if "tune" in claim and claim["tune"] not in axis_values:
+        raise UserError(f"{at}: tune axis {claim['tune']!r} is not an axis of this grid")
+    if "paper" in claim and (not isinstance(claim["paper"], (int, float)) or isinstance(claim["paper"], bool)):
+        raise UserError(f"{at}: paper must be a number (omit it when the paper gives none)")
+    out = dict(claim)
+    out.setdefault("paper_claim", claim["id"])
+    out.setdefault("title", claim["id"])
+    out.setdefault("paper", None)
+    return out
+
+
+def expand(grid: Grid, budget: str = "gpu", overrides: dict[str, Any] | None = None,
+           seeds: list[int] | None = None) -> list[RunSpec]:
+    """Every (axes x zips x seeds) combination as a RunSpec. Overrides (from the CLI) win over everything."""
+    overrides = dict(overrides or {})
+    settings = dict(grid.base)
+    if budget != "gpu":
+        if budget not in grid.budgets:
+            raise UserError(f"grid {grid.name!r} has no budget {budget!r}; budgets: "
+                            f"{', '.join(['gpu', *sorted(grid.budgets)])}")
+        settings.update({k: v for k, v in grid.budgets[budget].items() if k != "seeds"})
+        if seeds is None and "seeds" in grid.budgets[budget]:
+            seeds = list(grid.budgets[budget]["seeds"])
+    seeds = list(grid.seeds) if seeds is None else seeds
+    for key, value in overrides.items():
+        check_value(key, value, f"option --{key.replace('_', '-')}")
+
+    cart = [[(k, v) for v in vs] for k, vs in grid.axes.items()]
+    zipped = [[tuple(zip(group, row)) for row in zip(*group.values())] for group in grid.zips.values()]
+    runs = []
+    for combo in itertools.product(*cart, *[[list(z) for z in zs] for zs in zipped]):
+        labels: dict[str, Any] = {}
+        for part in combo:
+            if isinstance(part, list):
+                labels.update(dict(part))
+            else:
+                labels[part[0]] = part[1]
+        for seed in seeds:
+            runs.append(_resolve(grid.name, settings, labels, overrides, seed))
+    return runs
+
+
+def _resolve(grid: str, settings: dict, labels: dict, overrides: dict, seed: int) -> RunSpec:
+    merged = {**settings, **{k: v for k, v in labels.items() if k in FIELDS}, **overrides, "seed": seed}
+    lr_scale = merged.pop("lr_scale", 1.0)
+    merged["lr"] = float(merged.get("lr", RunSpec.__dataclass_fields__["lr"].default)) * lr_scale
+    dataset = merged.get("dataset", "cifar10")
+    model_kw = {k: merged.pop(k) for k in list(merged) if k in _MODEL_FIELDS}
+    model = ModelSpec(num_classes=DATASETS[dataset], **model_kw)
+    if "lr" in labels:
+        labels = {**labels, "lr": merged["lr"]}
+    run_kw = {k: (float(v) if FIELDS[k] == "float" else v) for k, v in merged.items()}
+    spec = RunSpec(model=model, grid=grid, axes=tuple(labels.items()), **run_kw)
+    _check_consistent(spec)
+    return spec
+
+
+def _check_consistent(spec: RunSpec) -> None:
+    m = spec.model
+    if spec.batch_size % spec.devices:
+        raise UserError(f"batch size {spec.batch_size} does not split over {spec.devices} devices; "
+                        f"choose a batch size divisible by the device count")
+    if m.arch == "convnet4" and (m.towers != 1 or m.half_kernels or m.dropout or m.pooling != "overlap"):
+        raise UserError("convnet4 takes no towers, half_kernels, dropout or pooling switch; "
+                        "those are alexnet switches")
+    if m.half_kernels and m.towers != 1:
+        raise UserError("half_kernels (the paper's one-GPU baseline) needs towers = 1")
+    if spec.early_stop_metric and not spec.early_stop_below:
+        raise UserError("early_stop needs `below`, e.g. below = 0.25")

@@ -1,0 +1,137 @@
+"""Grid specs: every shipped grid loads, expansion is the product of axes x zips x seeds, run ids are stable,
+and every kind of spec error names the file, the key and what was expected."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ablations.errors import UserError
+from ablations.grid import expand, grid_names, grid_path, load_grid, parse_grid
+from ablations.models import ModelSpec
+from ablations.spec import RunSpec
+
+SHIPPED = ["augmentation", "dropout", "gpus", "lrn", "pooling", "relu_vs_tanh", "smoke"]
+
+
+def test_all_seven_grids_ship_and_load():
+    assert grid_names() == SHIPPED
+    for name in SHIPPED:
+        grid = load_grid(name)
+        specs = expand(grid)
+        assert len({s.run_id for s in specs}) == len(specs), name  # no two runs of a grid collide
+        assert grid.claims or name == "smoke"
+
+
+def test_relu_vs_tanh_expansion_and_conditions():
+    grid = load_grid("relu_vs_tanh")
+    specs = expand(grid)
+    assert len(specs) == 2 * 3 * 2 * 3  # activation x lr_scale x condition x seeds
+    paper = [s for s in specs if dict(s.axes)["condition"] == "paper"]
+    assert {s.preprocess for s in paper} == {"paper"} and {s.model.init for s in paper} == {"paper"}
+    modern = [s for s in specs if dict(s.axes)["condition"] == "modern"]
+    assert {s.preprocess for s in modern} == {"standard"} and {s.model.init for s in modern} == {"default"}
+    assert all(s.model.arch == "convnet4" and s.weight_decay == 0 and s.augment == "none" for s in specs)
+    assert all(s.early_stop_metric == "train_error" and s.early_stop_below == 0.25 for s in specs)
+    # lr = the condition's base rate x lr_scale, and the lr column shows the effective rate
+    s = next(s for s in modern if dict(s.axes)["lr_scale"] == 4.0)
+    assert s.lr == pytest.approx(0.08) and dict(s.axes)["lr"] == pytest.approx(0.08)
+
+
+def test_budget_and_overrides():
+    grid = load_grid("lrn")
+    cpu = expand(grid, "cpu")
+    assert {s.model.width for s in cpu} == {0.5} and {s.seed for s in cpu} == {0, 1}
+    small = expand(grid, "cpu", overrides={"epochs": 2, "width": 0.25}, seeds=[5])
+    assert {(s.epochs, s.model.width, s.seed) for s in small} == {(2, 0.25, 5)}
+    with pytest.raises(UserError, match="no budget 'tiny'"):
+        expand(grid, "tiny")
+    with pytest.raises(UserError, match="epochs must be >= 1"):
+        expand(grid, overrides={"epochs": 0})
+    with pytest.raises(UserError, match="lr must be > 0"):
+        expand(grid, overrides={"lr": -0.1})
+    cifar100 = expand(grid, overrides={"dataset": "cifar100"})
+    assert {s.model.num_classes for s in cifar100} == {100}
+
+
+def _other(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, str):
+        return value + "x"
+    return value + 1 if isinstance(value, int) else value + 0.5
+
+
+def test_run_id_stable_and_sensitive():
+    base = RunSpec(model=ModelSpec(), grid="a", axes=(("x", 1),))
+    assert base.run_id == RunSpec(model=ModelSpec(), grid="b", axes=()).run_id  # labels are not hashed
+    assert base.run_id == RunSpec.from_json(base.to_json()).run_id
+    for f in dataclasses.fields(RunSpec):
+        if f.name in ("model", "grid", "axes"):
+            continue
+        changed = _other(getattr(base, f.name))
+        assert dataclasses.replace(base, **{f.name: changed}).run_id != base.run_id, f.name
+    for f in dataclasses.fields(ModelSpec):
+        model = dataclasses.replace(base.model, **{f.name: _other(getattr(base.model, f.name))})
+        assert dataclasses.replace(base, model=model).run_id != base.run_id, f.name
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "g.toml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+seeds = [0]
+[run]
+arch = "alexnet"
+epochs = 2
+[axes]
+activation = ["relu", "tanh"]
+"""
+
+BAD_SPECS = [
+    ("[run]\nepochs = 0\n", "epochs must be >= 1"),
+    ("[run]\nepochs = 'ten'\n", "expected int for 'epochs'"),
+    ("[run]\nlr = -1.0\n", "lr must be > 0"),
+    ("[run]\nbatch_size = 0\n", "batch_size must be >= 1"),
+    ("[run]\nbogus = 1\n", "unknown setting 'bogus'"),
+    ("[axes]\nactivation = []\n", "non-empty list"),
+    ("[axes]\nactivation = ['relu', 'relu']\n", "values repeat"),
+    ("[axes]\nactivation = ['relu', 'swish']\n", "'swish' is not a valid activation"),
+    ("[axes]\nflavour = [1, 2]\n", "unknown axis 'flavour'"),
+    ("[axes]\nlrn = [true, false]\n[zip.z]\nz = ['a', 'b']\nlrn = [true, false]\n", "given twice"),
+    ("[zip.z]\nz = ['a', 'b']\nlr = [0.1]\n", "same length"),
+    ("seeds = []\n", "seeds"),
+    ("seeds = [1, 1]\n", "seeds"),
+    ("colour = 'red'\n", "unknown top-level key 'colour'"),
+    ("[axes]\nlrn = [true, false]\n[[claims]]\nid = 'x'\nmetric = 'test_error'\naxis = 'lrn'\n"
+     "a = true\nb = 'maybe'\neffect = 'difference'\n", "b = 'maybe' is not a value"),
+    ("[axes]\nlrn = [true, false]\n[[claims]]\nid = 'x'\nmetric = 'test_error'\naxis = 'lrn'\n"
+     "a = true\nb = false\neffect = 'sum'\n", "effect must be"),
+    ("[run\n", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_SPECS)
+def test_bad_specs_name_file_key_and_expectation(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(UserError, match=message) as err:
+        parse_grid("g", path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_good_spec_parses(tmp_path):
+    grid = parse_grid("g", _write(tmp_path, GOOD))
+    assert [dict(s.axes)["activation"] for s in expand(grid)] == ["relu", "tanh"]
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "smoke.toml", "..", "", "a/b"])
+def test_grid_names_cannot_escape_the_grids_folder(name):
+    with pytest.raises(UserError, match="not a grid name|unknown grid"):
+        grid_path(name)
+
+
+def test_unknown_grid_lists_known():
+    with pytest.raises(UserError, match="known grids: augmentation"):
+        load_grid("nope")
