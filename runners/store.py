@@ -1,0 +1,242 @@
+"""The results store: one folder per run, atomic writes, a lock per run, regenerated aggregates.
+
+results/<grid>/runs/<run_id>/{spec.json, epochs.csv, summary.json, checkpoint.pt}
+results/<grid>/{grid.json, runs.csv, epochs.csv}   (aggregates: derived, regenerated, never hand-edited)
+
+A killed process leaves either the old file or the new one, never half of one: every write goes to a
+temporary file in the same folder, is fsynced, then os.replace()d over the target."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import torch
+
+from ablations.errors import UserError
+
+FINISHED = ("finished", "diverged")  # a run in one of these states is never trained again
+EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "test_error_top5",
+                 "epoch_seconds", "images_per_second", "cum_seconds"]
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise UserError(f"disk full while writing {path}; free some space and rerun the same command "
+                            f"(finished runs are kept)") from None
+        if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise UserError(f"cannot write {path} ({err.strerror}); choose a writable folder with --out") from None
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
+    atomic_write_text(path, df.to_csv(index=False))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to bytes, append-free checksum in a sidecar-free envelope: {'sha256', 'payload'}."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    atomic_write_bytes(path, digest + b"\n" + payload)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    """The checkpoint's state, or None when it is missing, truncated or corrupt (checksum mismatch)."""
+    try:
+        blob = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    digest, _, payload = blob.partition(b"\n")
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        return None
+    try:
+        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 - a checksum-valid file that still fails to load is treated as corrupt
+        return None
+
+
+# ---------------------------------------------------------------- locks
+
+@dataclass
+class RunLock:
+    """A lock file created with O_EXCL. Stale when its process is gone (same host) or its heartbeat is old."""
+
+    path: Path
+    stale_after_s: float = 6 * 3600.0
+
+    def acquire(self) -> bool:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._is_stale():
+                    self._break()
+                    continue
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
+            return True
+        return False
+
+    def heartbeat(self) -> None:
+        try:
+            os.utime(self.path)
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                self.path.unlink()
+        except (FileNotFoundError, ValueError):
+            pass
+
+    def _is_stale(self) -> bool:
+        try:
+            holder = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        except ValueError:  # half-written lock: stale only once it is old enough to be sure
+            return time.time() - self.path.stat().st_mtime > 5
+        if holder.get("host") == socket.gethostname():
+            return not _pid_alive(int(holder.get("pid", -1)))
+        return age > self.stale_after_s
+
+    def _break(self) -> None:
+        # rename first so that two processes breaking the same stale lock cannot both win
+        grave = self.path.with_name(f"{self.path.name}.stale{os.getpid()}")
+        try:
+            os.replace(self.path, grave)
+            grave.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) holds no lock
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@contextmanager
+def grid_lock(grid_dir: Path) -> Iterator[None]:
+    """Serialises aggregate regeneration between processes sharing a grid folder."""
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    with open(grid_dir / ".aggregate.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- the store
+
+@dataclass(frozen=True)
+class Store:
+    root: Path  # the results folder
+
+    def grid_dir(self, grid: str) -> Path:
+        return self.root / grid
+
+    def run_dir(self, grid: str, run_id: str) -> Path:
+        return self.root / grid / "runs" / run_id
+
+    def summary(self, grid: str, run_id: str) -> dict | None:
+        try:
+            return json.loads((self.run_dir(grid, run_id) / "summary.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def is_done(self, grid: str, run_id: str) -> bool:
+        s = self.summary(grid, run_id)
+        return s is not None and s.get("status") in FINISHED
+
+    def check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"cannot write to the results folder {self.root} ({err.strerror}); "
+                            f"choose a writable folder with --out") from None
+
+    def write_aggregates(self, grid: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Rebuild runs.csv and epochs.csv of a grid from its run folders (under a grid lock)."""
+        gdir = self.grid_dir(grid)
+        with grid_lock(gdir):
+            runs, epochs = [], []
+            for rdir in sorted((gdir / "runs").glob("*/")):
+                try:
+                    summary = json.loads((rdir / "summary.json").read_text())
+                    ep = pd.read_csv(rdir / "epochs.csv") if summary.get("epochs_run", 0) else None
+                except (FileNotFoundError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+                    continue  # not finished (or being written): not part of the aggregate yet
+                row = summary_row(summary)
+                runs.append(row)
+                if ep is not None:
+                    label_cols = {k: row[k] for k in ["run_id", "grid", *summary["axes"], "seed"]}
+                    epochs.append(ep.assign(**label_cols)[[*label_cols, *EPOCH_COLUMNS]])
+            runs_df = pd.DataFrame(runs)
+            epochs_df = pd.concat(epochs, ignore_index=True) if epochs else pd.DataFrame(
+                columns=["run_id", "grid", "seed", *EPOCH_COLUMNS])
+            if len(runs_df):
+                atomic_write_csv(gdir / "runs.csv", runs_df)
+                atomic_write_csv(gdir / "epochs.csv", epochs_df)
+            return runs_df, epochs_df
+
+
+def summary_row(summary: dict) -> dict:
+    """Flatten a summary.json into one runs.csv row: ids, every axis as a column, metrics, environment."""
+    row = {"run_id": summary["run_id"], "grid": summary["grid"], "status": summary["status"],
+           "stop_reason": summary.get("stop_reason", "")}
+    row.update(summary["axes"])
+    row["seed"] = summary["spec"]["seed"]
+    row.update(summary["metrics"])
+    row.update(summary["env"])
+    return row
