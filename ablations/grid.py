@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ablations.errors import UserError
-from ablations.models import ACTIVATIONS, INITS, POOLINGS, TOWERS, ModelSpec
+from ablations.models import ACTIVATIONS, ARCHS, INITS, POOLINGS, TOWERS, ModelSpec, validate
 from ablations.spec import AUGMENT, DATASETS, PRECISIONS, PREPROCESS, SCHEDULES, RunSpec
 
 GRIDS_DIR = Path(__file__).parent / "grids"
@@ -33,7 +33,7 @@ FIELDS: dict[str, str] = {k: _type_name(f.type) for k, f in {**_RUN_FIELDS, **_M
 FIELDS["lr_scale"] = "float"
 
 CHOICES: dict[str, tuple] = {
-    "arch": ("alexnet", "convnet4"),
+    "arch": tuple(ARCHS),
     "activation": tuple(ACTIVATIONS),
     "pooling": tuple(POOLINGS),
     "init": INITS,
@@ -296,14 +296,9 @@ def _resolve(grid: str, settings: dict, labels: dict, overrides: dict, seed: int
 
 
 def _check_consistent(spec: RunSpec) -> None:
-    m = spec.model
+    validate(spec.model)
     if spec.batch_size % spec.devices:
         raise UserError(f"batch size {spec.batch_size} does not split over {spec.devices} devices; "
                         f"choose a batch size divisible by the device count")
-    if m.arch == "convnet4" and (m.towers != 1 or m.half_kernels or m.dropout or m.pooling != "overlap"):
-        raise UserError("convnet4 takes no towers, half_kernels, dropout or pooling switch; "
-                        "those are alexnet switches")
-    if m.half_kernels and m.towers != 1:
-        raise UserError("half_kernels (the paper's one-GPU baseline) needs towers = 1")
     if spec.early_stop_metric and not spec.early_stop_below:
         raise UserError("early_stop needs `below`, e.g. below = 0.25")

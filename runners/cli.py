@@ -49,5 +49,186 @@ def data() -> None:
     """Import and list data sets (CIFAR-10/100) in the local cache."""
 
 
+def _parse_seeds(value: str | None) -> list[int] | None:
+    """`--seeds 3` means seeds 0,1,2; `--seeds 0,4,7` means exactly those."""
+    if value is None:
+        return None
+    try:
+        parts = [int(p) for p in value.split(",") if p.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {value!r}: give a count (3) or a comma-separated list (0,4,7)") from None
+    if not parts or any(p < 0 for p in parts) or (len(parts) == 1 and parts[0] == 0):
+        raise UserError(f"--seeds {value!r}: give a positive count (3) or a list of non-negative seeds (0,4,7)")
+    if len(parts) == 1 and "," not in value:
+        return list(range(parts[0]))
+    if len(set(parts)) != len(parts):
+        raise UserError(f"--seeds {value!r}: a seed is listed twice")
+    return parts
+
+
+def _overrides(**kw) -> dict:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+_run_options = [
+    click.option("--budget", default="gpu", show_default=True,
+                 help="Budget preset from the grid file: gpu (the claim's full size) or cpu (shrunk)."),
+    click.option("--dataset", type=click.Choice(["cifar10", "cifar100"]), help="Override the data set."),
+    click.option("--epochs", type=int, help="Override the epoch cap of every run."),
+    click.option("--seeds", help="Number of seeds (3) or a list (0,4,7)."),
+    click.option("--width", type=float, help="Override the width multiplier of the model."),
+    click.option("--subset", type=int, help="Train on this many images (a fixed shuffle; 0 = all)."),
+    click.option("--test-subset", type=int, help="Evaluate on this many test images (0 = all)."),
+    click.option("--batch-size", type=int, help="Override the global batch size."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Override the precision."),
+]
+
+
+def _with_run_options(f):
+    for opt in reversed(_run_options):
+        f = opt(f)
+    return f
+
+
+@main.command("list")
+@click.option("--results", "results", default="results", show_default=True, type=click.Path(),
+              help="Results folder (to count finished runs).")
+def list_cmd(results: str) -> None:
+    """List the grids, the claims each tests, and their run counts."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ablations.grid import expand, grid_names, load_grid
+    from runners.store import Store
+
+    table = Table(title="Grids (ablations/grids/*.toml)")
+    for col in ("grid", "title", "claims", "runs (gpu)", "runs (cpu)", "done"):
+        table.add_column(col)
+    store = Store(Path(results))
+    for name in grid_names():
+        grid = load_grid(name)
+        specs = expand(grid)
+        cpu = len(expand(grid, "cpu")) if "cpu" in grid.budgets else "-"
+        cpu_specs = expand(grid, "cpu") if "cpu" in grid.budgets else []
+        done = sum(store.is_done(name, s.run_id) for s in [*specs, *cpu_specs])
+        table.add_row(name, grid.title, ", ".join(c["id"] for c in grid.claims) or "-", str(len(specs)),
+                      str(cpu), str(done))
+    Console().print(table)
+
+
+@main.command("show")
+@click.argument("grid")
+@_with_run_options
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] for the probe.")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="Time a few training steps per distinct model to estimate the cost.")
+@click.option("--results", default="results", show_default=True, type=click.Path())
+def show_cmd(grid: str, budget: str, seeds: str | None, device: str, probe: bool, results: str, **kw) -> None:
+    """Show a grid's expanded runs and an estimated cost (FLOPs and a quick throughput probe)."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from runners.cost import estimate_table
+
+    Console().print(estimate_table(grid, budget, _overrides(**kw), _parse_seeds(seeds), device, probe,
+                                   Path(results)))
+
+
+@main.command("run")
+@click.option("--grid", "grid", required=True, help="Grid name (see `ablate list`).")
+@_with_run_options
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, or cuda[:N].")
+@click.option("--out", "results", default="results", show_default=True, type=click.Path(),
+              help="Results folder.")
+@click.option("--data-dir", type=click.Path(), help="Data cache folder (default: $ABLATE_DATA or ~/.cache/ablate/data).")
+@click.option("--dry-run", is_flag=True, help="Print the runs that would be trained, train nothing.")
+@click.option("--plain", is_flag=True, help="Plain progress lines even on a terminal.")
+@click.option("--no-wait", is_flag=True,
+              help="Leave runs that another process is training to it instead of waiting (exit code 75).")
+@click.pass_context
+def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results: str, data_dir: str | None,
+            dry_run: bool, plain: bool, no_wait: bool, **kw) -> None:
+    """Train every pending run of a grid; finished runs are skipped, interrupted ones resumed.
+
+    Exit codes: 0 all runs done (finished or diverged), 2 bad input, 3 some runs failed,
+    75 some runs are being trained by another process, 130 interrupted (rerun to resume)."""
+    from pathlib import Path
+
+    from runners.execute import plan, run_grid
+    from runners.progress import make_reporter
+    from runners.store import Store
+
+    overrides = _overrides(**kw)
+    seed_list = _parse_seeds(seeds)
+    if dry_run:
+        g, specs = plan(grid, budget, overrides, seed_list)
+        store = Store(Path(results))
+        for s in specs:
+            state = "done" if store.is_done(g.name, s.run_id) else "pending"
+            axes = " ".join(f"{k}={v}" for k, v in s.axes)
+            click.echo(f"{s.run_id}  {state:7s}  {axes} seed={s.seed} epochs={s.epochs}")
+        click.echo(f"{len(specs)} runs")
+        return
+    reporter = make_reporter(None if not plain else False)
+    try:
+        outcome = run_grid(grid, Path(results), budget, overrides, seed_list,
+                           Path(data_dir) if data_dir else None, device, reporter, wait_for_others=not no_wait)
+    except KeyboardInterrupt:
+        reporter.close()
+        click.echo("interrupted: every finished epoch is saved; rerun the same command to resume", err=True)
+        sys.exit(130)
+    click.echo(f"grid {outcome.grid}: {len(outcome.trained)} trained, {len(outcome.skipped)} already done, "
+               f"{len(outcome.diverged)} diverged, {len(outcome.failed)} failed, {len(outcome.busy)} busy; "
+               f"results in {Path(results) / outcome.grid}")
+    if outcome.busy:
+        click.echo("some runs are being trained by another process; rerun later to pick up what is left",
+                   err=True)
+    sys.exit(outcome.exit_code)
+
+
+@main.command("model")
+@click.argument("arch")
+@click.option("--lrn/--no-lrn", default=False, show_default=True,
+              help="alexnet: the paper's LRN in conv1, conv2; convnet4: layers-18pct same-map rnorm.")
+@click.option("--towers", default=1, show_default=True, type=int, help="alexnet: 2 = the paper's two columns.")
+@click.option("--half-kernels", is_flag=True, help="alexnet: the paper's one-GPU net (half the conv1-4 kernels).")
+@click.option("--dropout", default=0.0, show_default=True, type=float, help="alexnet: p before fc1 and fc2.")
+@click.option("--pooling", default="overlap", show_default=True,
+              help="alexnet: overlap (3x3 s2) or nonoverlap (2x2 s2).")
+@click.option("--activation", default="relu", show_default=True, help="relu, tanh, leaky_relu or gelu.")
+@click.option("--width", default=1.0, show_default=True, type=float, help="Multiplies conv channels and FC widths.")
+@click.option("--classes", "num_classes", default=10, show_default=True, type=int, help="10 or 100.")
+@click.option("--init", default="default", show_default=True, help="default (PyTorch) or paper.")
+def model_cmd(arch: str, **kw) -> None:
+    """Print a model's layers, output shapes, parameters, LRN constants and FLOPs per image."""
+    from ablations.models import ModelSpec, describe_model
+
+    click.echo(describe_model(ModelSpec(arch=arch, **kw)))
+
+
+@main.command("report")
+@click.option("--grid", "grids", multiple=True, metavar="NAME", help="Report this grid (repeatable; default: all).")
+@click.option("--results", default="results", show_default=True, type=click.Path(), help="Results folder.")
+@click.option("--out", default=None, type=click.Path(), help="Report folder  [default: <results>/report]")
+@click.option("--dpi", default=150, show_default=True, type=click.IntRange(min=30), help="PNG resolution.")
+def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int) -> None:
+    """Aggregate results, decide each claim's verdict, write REPORT.md, verdicts.csv and figures."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from reports.render import build_report, claims_table, write_report
+
+    report = build_report(Path(results), list(grids) or None)
+    path = write_report(report, Path(out) if out else Path(results) / "report", dpi)
+    Console().print(claims_table(report))
+    for grid, notes in report.coverage.items():
+        click.echo(f"{grid}: {'; '.join(notes)}")
+    click.echo(f"report written to {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,97 @@
+"""`ablate show`: a grid's expanded runs with a cost estimate before anything trains.
+
+Cost = images to process x FLOPs per image, turned into time by timing a few real training steps of each
+distinct model on this device (a probe), because FLOP/s differ a lot between layers and precisions."""
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+
+from ablations.models import ModelSpec, build_model, train_flops_per_image
+from ablations.spec import RunSpec
+from runners.store import Store
+from runners.train import autocast, pick_device
+
+TRAIN_SIZE, TEST_SIZE = 50_000, 10_000
+
+
+@lru_cache(maxsize=None)
+def probe_images_per_second(model: ModelSpec, batch: int, precision: str, device: str, steps: int = 3) -> float:
+    """Training images/s of `model` on random data: one warm-up step, then `steps` timed ones."""
+    dev = torch.device(device)
+    net = build_model(model).to(dev)
+    fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, model.num_classes, (batch,), device=dev)
+
+    def step() -> None:
+        with autocast(dev, precision):
+            loss = F.cross_entropy(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def run_images(spec: RunSpec) -> tuple[int, int]:
+    """(training images, test images) processed by a run at its epoch cap."""
+    train = (spec.subset or TRAIN_SIZE) * spec.epochs
+    test = (spec.test_subset or TEST_SIZE) * spec.epochs * spec.test_crops
+    return train, test
+
+
+def estimate_table(grid_name: str, budget: str, overrides: dict, seeds: list[int] | None, device: str,
+                   probe: bool, results: Path) -> Table:
+    from runners.execute import plan
+
+    grid, specs = plan(grid_name, budget, overrides, seeds)
+    store = Store(results)
+    dev = str(pick_device(device))
+    table = Table(title=f"{grid.name} ({budget} budget): {len(specs)} runs on {dev}",
+                  caption="time = epoch cap x images / probed training rate (eval at 3x that rate); "
+                          "early stopping can only make it shorter")
+    for col in ("run id", *grid.axis_names, "seed", "epochs", "GFLOP/img", "est. time", "state"):
+        table.add_column(col)
+    total_s, total_flop = 0.0, 0.0
+    for s in specs:
+        train, test = run_images(s)
+        flops = train_flops_per_image(s.model)
+        total_flop += flops * (train + test / 3)
+        est = ""
+        if probe:
+            rate = probe_images_per_second(s.model, s.batch_size // s.devices, s.precision, dev)
+            seconds = (train + test / 3) / rate
+            total_s += seconds
+            est = _fmt_seconds(seconds)
+        axes = dict(s.axes)
+        state = "done" if store.is_done(grid.name, s.run_id) else "pending"
+        table.add_row(s.run_id, *[str(axes.get(a, "")) for a in grid.axis_names], str(s.seed), str(s.epochs),
+                      f"{flops / 1e9:.3f}", est, state)
+    table.add_section()
+    table.add_row("total", *[""] * len(grid.axis_names), "", "", f"{total_flop / 1e15:.2f} PFLOP",
+                  _fmt_seconds(total_s) if probe else "", "")
+    return table
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"

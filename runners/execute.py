@@ -1,0 +1,152 @@
+"""Run a grid: expand it, skip finished runs, claim each pending run with a lock, train, aggregate.
+
+Safe to run twice at once on the same results folder: the run locks decide who trains what, and the
+aggregates are regenerated under a grid lock. Safe to kill at any moment: rerun the same command."""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ablations.errors import UserError
+from ablations.grid import Grid, expand, load_grid
+from ablations.spec import RunSpec
+from runners.data import load_dataset, resolve_data_dir
+from runners.progress import PlainReporter
+from runners.store import RunLock, Store, atomic_write_json
+from runners.train import pick_device, train_run
+
+EXIT_OK, EXIT_FAILED_RUNS, EXIT_BUSY = 0, 3, 75
+
+
+@dataclass
+class GridOutcome:
+    grid: str
+    total: int
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # finished before
+    busy: list[str] = field(default_factory=list)  # locked by another live process
+    failed: list[str] = field(default_factory=list)
+    diverged: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.failed:
+            return EXIT_FAILED_RUNS
+        if self.busy:
+            return EXIT_BUSY
+        return EXIT_OK
+
+
+def plan(grid_name: str, budget: str = "gpu", overrides: dict | None = None,
+         seeds: list[int] | None = None) -> tuple[Grid, list[RunSpec]]:
+    grid = load_grid(grid_name)
+    return grid, expand(grid, budget=budget, overrides=overrides, seeds=seeds)
+
+
+def check_devices(specs: list[RunSpec], device: torch.device) -> None:
+    need = max(s.devices for s in specs)
+    have = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
+    if need > have:
+        kind = "CUDA devices" if device.type == "cuda" else "CPU cores (one process each)"
+        raise UserError(f"a run asks for {need} devices but this machine has {have} {kind}; "
+                        f"lower `devices` or run on a bigger machine")
+
+
+def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict | None = None,
+             seeds: list[int] | None = None, data_dir: Path | None = None, device: str = "auto",
+             reporter: PlainReporter | None = None, command: str | None = None,
+             wait_for_others: bool = True, poll_s: float = 2.0) -> GridOutcome:
+    """Train every pending run of a grid into results/<grid>/ and regenerate the aggregates.
+
+    Runs locked by another live process are waited for (or, with wait_for_others=False, left to it), so
+    when this returns the grid is complete unless runs failed."""
+    reporter = reporter or PlainReporter()
+    grid, specs = plan(grid_name, budget, overrides, seeds)
+    store = Store(Path(results))
+    store.check_writable()
+    dev = pick_device(device)
+    check_devices(specs, dev)
+    data_dir = resolve_data_dir(data_dir)
+    datasets = {name: load_dataset(name, data_dir) for name in sorted({s.dataset for s in specs})}
+
+    gdir = store.grid_dir(grid.name)
+    gdir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(datasets.values()))
+    atomic_write_json(gdir / "grid.json", {
+        **grid.to_json(), "budget": budget, "overrides": overrides or {},
+        "command": command or "ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "dataset": specs[0].dataset, "dataset_label": first.meta.get("label", specs[0].dataset),
+        "model": specs[0].model.arch, "epochs": specs[0].epochs,
+        "early_stop": ({"metric": specs[0].early_stop_metric, "below": specs[0].early_stop_below}
+                       if specs[0].early_stop_metric else None)})
+
+    outcome = GridOutcome(grid.name, len(specs))
+    done = sum(store.is_done(grid.name, s.run_id) for s in specs)
+    reporter.grid(grid.name, len(specs), done)
+    context = {"budget": budget, "overrides": overrides or {}}
+    pending = list(enumerate(specs, 1))
+    while pending:
+        waiting = []
+        for i, spec in pending:
+            state = _attempt(spec, i, len(specs), store, grid.name, datasets, dev, context, reporter, outcome)
+            if state == "busy":
+                waiting.append((i, spec))
+        if waiting and not wait_for_others:
+            outcome.busy = [s.run_id for _, s in waiting]
+            break
+        if waiting:
+            time.sleep(poll_s)  # another process holds these runs: wait for it to finish (or die) and look again
+        pending = waiting
+    store.write_aggregates(grid.name)
+    reporter.close()
+    return outcome
+
+
+def _attempt(spec: RunSpec, i: int, total: int, store: Store, grid: str, datasets: dict, dev: torch.device,
+             context: dict, reporter: PlainReporter, outcome: GridOutcome) -> str:
+    """Train one run unless it is done or locked by a live process. Returns "done", "trained" or "busy"."""
+    if store.is_done(grid, spec.run_id):
+        outcome.skipped.append(spec.run_id)
+        reporter.skip(spec, "already done")
+        return "done"
+    rdir = store.run_dir(grid, spec.run_id)
+    rdir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(rdir / "run.lock")
+    if not lock.acquire():
+        return "busy"
+    try:
+        if store.is_done(grid, spec.run_id):  # finished by another process since we looked
+            outcome.skipped.append(spec.run_id)
+            return "done"
+        reporter.start_run(spec, i, total)
+        result = train_one(spec, datasets[spec.dataset], rdir, dev, context, reporter, lock)
+        reporter.end_run(result)
+    finally:
+        lock.release()
+    outcome.trained.append(spec.run_id)
+    if result.status == "failed":
+        outcome.failed.append(spec.run_id)
+    elif result.status == "diverged":
+        outcome.diverged.append(spec.run_id)
+    store.write_aggregates(grid)
+    return "trained"
+
+
+def train_one(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[str, Any],
+              reporter: PlainReporter, lock: RunLock):
+    """One run in this process, or, for devices > 1, through torch.distributed.run (runners/ddp.py)."""
+    def on_epoch(row: dict) -> None:
+        lock.heartbeat()
+        reporter.epoch(row)
+
+    if spec.devices > 1:
+        from runners.ddp import launch_ddp_run
+        return launch_ddp_run(spec, rdir, dev, context, on_epoch)
+    return train_run(spec, data, rdir, dev, context=context, on_epoch=on_epoch, on_step=reporter.step)

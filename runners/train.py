@@ -1,0 +1,331 @@
+"""Train one resolved RunSpec: SGD, a schedule, per-epoch metrics, a checkpoint per epoch, resume.
+
+The data set lives on the training device as uint8; each batch is gathered, augmented and normalised there
+(runners/augment.py). Metrics are summed on the device and read once per epoch: no host sync per batch.
+A checkpoint holds model, optimiser, scheduler and every RNG, so a resumed run on the CPU ends bit-for-bit
+where an uninterrupted one ends."""
+from __future__ import annotations
+
+import io
+import math
+import os
+import platform
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ablations.models import build_model, count_params, train_flops_per_image
+from ablations.spec import RunSpec
+from runners.augment import BatchAugmenter, compute_input_stats, ten_crop_logits
+from runners.data import CifarData
+from runners.store import EPOCH_COLUMNS, atomic_write_bytes, atomic_write_csv, atomic_write_json, \
+    load_checkpoint, save_checkpoint
+
+EVAL_BATCH = 500
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # finished | diverged | failed
+    stop_reason: str  # epochs | early_stop | diverged | error
+    rows: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from ablations.errors import UserError
+        raise UserError(f"device {name!r} asked for but no CUDA device is available; use --device cpu or auto")
+    return dev
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """The (subset of the) data set on the training device, uint8 images and int64 labels."""
+
+    train_x: torch.Tensor  # (N, 3, 32, 32) uint8
+    train_y: torch.Tensor  # (N,)
+    test_x: torch.Tensor  # (M, 3, 32, 32) uint8
+    test_y: torch.Tensor  # (M,)
+
+
+def select_data(spec: RunSpec, data: CifarData, device: torch.device) -> DeviceData:
+    """Subsets come from a fixed shuffle (seed 0, the same for every run) so classes stay balanced."""
+    def take(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n and n < len(y):
+            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n]
+            x, y = x[idx], y[idx]
+        return x.to(device).contiguous(), y.to(device)
+
+    tx, ty = take(data.train_x, data.train_y, spec.subset)
+    vx, vy = take(data.test_x, data.test_y, spec.test_subset)
+    return DeviceData(tx, ty, vx, vy)
+
+
+def make_optimizer(model: torch.nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
+                           weight_decay=spec.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, spec: RunSpec):
+    """constant | step (/10 every step_epochs) | plateau (the paper's /10 when test error stalls, max_lr_drops
+    times) | cosine (to 0 over the epoch cap). Stepped once per epoch."""
+    if spec.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=spec.step_epochs, gamma=0.1)
+    if spec.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.epochs)
+    if spec.schedule == "plateau":
+        floor = spec.lr * 0.1 ** spec.max_lr_drops * 0.999
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
+                                                          patience=spec.plateau_patience, min_lr=floor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def step_scheduler(sched, test_error: float) -> None:
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        sched.step(test_error)
+    else:
+        sched.step()
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_one_epoch(model, opt, dd: DeviceData, aug: BatchAugmenter, spec: RunSpec, device: torch.device,
+                    order_gen: torch.Generator, aug_gen: torch.Generator,
+                    on_step: Callable[[int, int], None] | None = None,
+                    shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One pass over the training set. Returns (summed loss, error count) as device tensors and the count.
+
+    `shard` = (rank, world): every rank draws the same global permutation and takes its slice of each
+    global batch, so N ranks see exactly the batches one process would."""
+    rank, world = shard
+    model.train()
+    n = len(dd.train_y)
+    perm = torch.randperm(n, generator=order_gen, device=order_gen.device).to(device)
+    loss_sum = torch.zeros((), device=device)
+    wrong = torch.zeros((), device=device, dtype=torch.long)
+    steps = math.ceil(n / spec.batch_size)
+    fmt = torch.channels_last if spec.precision == "bf16" else torch.contiguous_format
+    seen = 0
+    for i in range(steps):
+        idx = perm[i * spec.batch_size:(i + 1) * spec.batch_size]
+        idx = idx.tensor_split(world)[rank]
+        x = aug(dd.train_x[idx], aug_gen).contiguous(memory_format=fmt)  # (B, 3, 32, 32) float
+        y = dd.train_y[idx]
+        with autocast(device, spec.precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach() * len(y)
+        wrong += (logits.argmax(1) != y).sum()
+        seen += len(y)
+        if on_step is not None and i % 10 == 0:
+            on_step(i, steps)
+    return loss_sum, wrong, seen
+
+
+@torch.no_grad()
+def evaluate(model, dd: DeviceData, aug: BatchAugmenter, spec: RunSpec,
+             device: torch.device) -> tuple[float, float, float]:
+    """Test loss, top-1 error, top-5 error. test_crops=10 averages softmax over the paper's ten views."""
+    model.eval()
+    fmt = torch.channels_last if spec.precision == "bf16" else torch.contiguous_format
+    loss_sum = torch.zeros((), device=device)
+    wrong1 = torch.zeros((), device=device)
+    wrong5 = torch.zeros((), device=device)
+    for start in range(0, len(dd.test_y), EVAL_BATCH):
+        x = aug.eval(dd.test_x[start:start + EVAL_BATCH]).contiguous(memory_format=fmt)
+        y = dd.test_y[start:start + EVAL_BATCH]
+        with autocast(device, spec.precision):
+            if spec.test_crops == 10:
+                logp = ten_crop_logits(model, x).float().clamp_min(1e-12).log()
+            else:
+                logp = F.log_softmax(model(x).float(), dim=1)
+        loss_sum += F.nll_loss(logp, y, reduction="sum")
+        top5 = logp.topk(min(5, logp.shape[1]), dim=1).indices
+        wrong1 += (top5[:, 0] != y).sum()
+        wrong5 += (~(top5 == y[:, None]).any(1)).sum()
+    m = len(dd.test_y)
+    return (loss_sum / m).item(), (wrong1 / m).item(), (wrong5 / m).item()
+
+
+def rng_state(order_gen: torch.Generator, aug_gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "order": order_gen.get_state(), "aug": aug_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, order_gen: torch.Generator, aug_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    order_gen.set_state(state["order"])
+    aug_gen.set_state(state["aug"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def environment(spec: RunSpec, data: CifarData, device: torch.device, context: dict) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {"torch_version": torch.__version__, "device": str(device), "device_name": name,
+            "precision": spec.precision, "devices": spec.devices, "threads": torch.get_num_threads(),
+            "dataset": spec.dataset, "dataset_label": data.meta.get("label", spec.dataset),
+            "dataset_sha256": data.meta.get("sha256", ""), "dataset_source": data.meta.get("source", ""),
+            "python": platform.python_version(), "host": platform.node(), **context}
+
+
+def summarise(spec: RunSpec, rows: list[dict], status: str, stop_reason: str, error: str,
+              env: dict, extra: dict) -> dict:
+    """summary.json: status, final metrics, thresholds crossed, throughput, environment."""
+    df = pd.DataFrame(rows, columns=EPOCH_COLUMNS)
+    last = df.iloc[-1].to_dict() if len(df) else {}
+    metrics = {k: last.get(k, float("nan")) for k in
+               ("train_loss", "train_error", "test_loss", "test_error", "test_error_top5")}
+    metrics.update(epochs=spec.epochs, epochs_run=len(df),
+                   best_test_error=float(df.test_error.min()) if len(df) else float("nan"),
+                   train_seconds=float(df.epoch_seconds.sum()) if len(df) else 0.0,
+                   images_per_second=float(statistics.median(df.images_per_second)) if len(df) else float("nan"),
+                   target_metric=spec.early_stop_metric, target_value=spec.early_stop_below or None,
+                   epochs_to_target=None, seconds_to_target=None, reached_target=None,
+                   loss_target=spec.loss_target or None, epochs_to_loss=None,
+                   width=spec.model.width, subset=spec.subset or None, **extra)
+    if spec.early_stop_metric:
+        hit = df[df[spec.early_stop_metric] < spec.early_stop_below]
+        metrics["reached_target"] = bool(len(hit))
+        if len(hit):
+            metrics["epochs_to_target"] = int(hit.epoch.iloc[0])
+            metrics["seconds_to_target"] = float(hit.cum_seconds.iloc[0])
+    if spec.loss_target:
+        hit = df[df.train_loss < spec.loss_target]
+        if len(hit):
+            metrics["epochs_to_loss"] = int(hit.epoch.iloc[0])
+    return {"run_id": spec.run_id, "grid": spec.grid, "status": status, "stop_reason": stop_reason,
+            "error": error, "axes": dict(spec.axes), "spec": spec.to_json(), "metrics": metrics, "env": env}
+
+
+def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.device | str = "auto",
+              context: dict | None = None, on_epoch: Callable[[dict], None] | None = None,
+              on_step: Callable[[int, int], None] | None = None,
+              shard: tuple[int, int] = (0, 1), wrap: Callable | None = None,
+              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RunResult:
+    """Train (or resume) one run into run_dir. Only rank 0 of a sharded run writes files.
+
+    `wrap` wraps the model (DDP), `reduce` sums a device tensor over ranks; both default to one process."""
+    device = pick_device(device) if isinstance(device, str) else device
+    run_dir = Path(run_dir)
+    writer = shard[0] == 0
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "spec.json", spec.to_json())
+    reduce = reduce or (lambda t: t)
+    started = time.perf_counter()
+
+    torch.manual_seed(spec.seed)
+    order_gen = torch.Generator(device="cpu").manual_seed(spec.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(spec.seed + 1_000_003 * (shard[0] + 1))
+    dd = select_data(spec, data, device)
+    aug = BatchAugmenter(compute_input_stats(dd.train_x), spec.preprocess, spec.augment, device=device)
+    model = build_model(spec.model).to(device)
+    if spec.precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, spec)
+    sched = make_scheduler(opt, spec)
+
+    rows: list[dict] = []
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    if state is None:
+        state = load_checkpoint(run_dir / "checkpoint.prev.pt")
+    if state is not None and state.get("run_id") == spec.run_id:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        set_rng_state(state["rng"], order_gen, aug_gen)
+        rows = list(state["rows"])
+        wall_before = float(state.get("wall", 0.0))
+    else:
+        wall_before = 0.0
+    net = wrap(model) if wrap else model
+
+    env = environment(spec, data, device, context or {})
+    extra = {"model_params": count_params(model), "flops_per_image": train_flops_per_image(spec.model),
+             "world_size": shard[1]}
+    status, stop_reason, error = "finished", "epochs", ""
+    cum = rows[-1]["cum_seconds"] if rows else 0.0
+    try:
+        for epoch in range(len(rows) + 1, spec.epochs + 1):
+            lr = opt.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            loss_sum, wrong, seen = train_one_epoch(net, opt, dd, aug, spec, device, order_gen, aug_gen,
+                                                    on_step, shard)
+            totals = reduce(torch.stack([loss_sum.float(), wrong.float(),
+                                         torch.tensor(float(seen), device=device)]))
+            train_loss, train_err, n_seen = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), \
+                totals[2].item()
+            seconds = time.perf_counter() - t0
+            test_loss, test_err, test_err5 = evaluate(model, dd, aug, spec, device)
+            step_scheduler(sched, test_err)
+            cum += seconds
+            row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_error=train_err, test_loss=test_loss,
+                       test_error=test_err, test_error_top5=test_err5, epoch_seconds=seconds,
+                       images_per_second=n_seen / seconds, cum_seconds=cum)
+            rows.append(row)
+            if not math.isfinite(train_loss):
+                status, stop_reason, error = "diverged", "diverged", f"non-finite training loss at epoch {epoch}"
+            if writer:
+                save_checkpoint_rotating(run_dir, {
+                    "run_id": spec.run_id, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "rng": rng_state(order_gen, aug_gen), "rows": rows,
+                    "wall": wall_before + time.perf_counter() - started})
+                atomic_write_csv(run_dir / "epochs.csv", pd.DataFrame(rows, columns=EPOCH_COLUMNS))
+            if on_epoch is not None:
+                on_epoch(row)
+            if status == "diverged":
+                break
+            if spec.early_stop_metric and row[spec.early_stop_metric] < spec.early_stop_below:
+                stop_reason = "early_stop"
+                break
+    except (KeyboardInterrupt, SystemExit):
+        raise  # the last finished epoch's checkpoint is on disk: the run resumes from it
+    except Exception as err:  # noqa: BLE001 - a failed run is a row, not a crash (the grid goes on)
+        if isinstance(err, OSError) or type(err).__name__ == "UserError":
+            raise
+        status, stop_reason, error = "failed", "error", f"{type(err).__name__}: {err}"
+        traceback.print_exc()
+
+    extra["wall_seconds"] = wall_before + time.perf_counter() - started
+    summary = summarise(spec, rows, status, stop_reason, error, env, extra)
+    if writer:
+        atomic_write_bytes(run_dir / "model.pt", _state_bytes(model))
+        atomic_write_json(run_dir / "summary.json", summary)
+        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+            (run_dir / name).unlink(missing_ok=True)
+    return RunResult(spec.run_id, status, stop_reason, rows, summary, error)
+
+
+def save_checkpoint_rotating(run_dir: Path, state: dict) -> None:
+    """Keep the previous checkpoint until the new one is safely on disk (a torn write falls back to it)."""
+    cur, prev = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
+    if cur.exists():
+        os.replace(cur, prev)
+    save_checkpoint(cur, state)
+
+
+def _state_bytes(model: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue()

@@ -1,0 +1,117 @@
+"""`ablate run` end to end on generated data: CSVs with the documented columns, re-runs that train nothing,
+kill -9 and resume ending bit-for-bit where an uninterrupted run ends, two processes sharing one grid."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from click.testing import CliRunner
+
+from runners.cli import main
+from runners.store import EPOCH_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ["epoch_seconds", "images_per_second", "cum_seconds", "wall_seconds", "train_seconds",
+          "seconds_to_target", "threads", "host"]
+RUN_COLUMNS = ["run_id", "grid", "status", "stop_reason", "activation", "lrn", "seed", "epochs", "epochs_run",
+               "train_loss", "train_error", "test_loss", "test_error", "test_error_top5", "best_test_error",
+               "epochs_to_target", "seconds_to_target", "reached_target", "wall_seconds", "images_per_second",
+               "dataset", "dataset_label", "precision", "device", "devices", "torch_version", "budget"]
+
+
+def _args(out, data_dir, *extra):
+    return ["run", "--grid", "smoke", "--out", str(out), "--data-dir", str(data_dir), "--plain", *extra]
+
+
+def _subprocess(out, data_dir, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "runners.cli", *_args(out, data_dir, *extra)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _without_timing(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=[c for c in TIMING if c in df.columns]).sort_values(list(df.columns[:1])) \
+        .reset_index(drop=True)
+
+
+def test_smoke_grid_end_to_end_and_rerun_trains_nothing(tmp_path, data_dir):
+    runner = CliRunner()
+    first = runner.invoke(main, _args(tmp_path, data_dir))
+    assert first.exit_code == 0, first.output
+    runs = pd.read_csv(tmp_path / "smoke" / "runs.csv")
+    epochs = pd.read_csv(tmp_path / "smoke" / "epochs.csv")
+    assert len(runs) == 8 and set(runs.status) == {"finished"}
+    assert set(RUN_COLUMNS) <= set(runs.columns)
+    assert set(EPOCH_COLUMNS) <= set(epochs.columns) and {"activation", "lrn", "seed"} <= set(epochs.columns)
+    assert len(epochs) == runs.epochs_run.sum() == 16  # one row per run-epoch
+    for rid, group in epochs.groupby("run_id"):
+        assert list(group.epoch) == [1, 2]
+        run_dir = tmp_path / "smoke" / "runs" / rid
+        assert {"spec.json", "epochs.csv", "summary.json"} <= {p.name for p in run_dir.iterdir()}
+        assert not (run_dir / "checkpoint.pt").exists()
+    assert runs.dataset_label.iloc[0].startswith("CIFAR-10")
+    assert (tmp_path / "smoke" / "grid.json").exists()
+
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "smoke" / "runs").rglob("*") if p.is_file()}
+    second = runner.invoke(main, _args(tmp_path, data_dir))
+    assert second.exit_code == 0, second.output
+    assert "0 trained, 8 already done" in second.output
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "smoke" / "runs").rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_dry_run_trains_nothing(tmp_path, data_dir):
+    result = CliRunner().invoke(main, _args(tmp_path, data_dir, "--dry-run"))
+    assert result.exit_code == 0 and "8 runs" in result.output
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path, data_dir):
+    extra = ("--seeds", "1", "--epochs", "4")
+    ref = _subprocess(tmp_path / "ref", data_dir, *extra)
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+
+    out = tmp_path / "killed"
+    proc = _subprocess(out, data_dir, *extra)
+    deadline = time.time() + 240
+    killed_mid_run = False
+    while time.time() < deadline and proc.poll() is None:
+        mid = [d for d in (out / "smoke" / "runs").glob("*")
+               if (d / "checkpoint.pt").exists() and not (d / "summary.json").exists()]
+        if mid:
+            proc.send_signal(signal.SIGKILL)
+            killed_mid_run = True
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed_mid_run, "the run finished before it could be killed"
+    resumed = _subprocess(out, data_dir, *extra)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+
+    a = pd.read_csv(tmp_path / "ref" / "smoke" / "runs.csv")
+    b = pd.read_csv(out / "smoke" / "runs.csv")
+    pd.testing.assert_frame_equal(_without_timing(a), _without_timing(b))
+    ea = pd.read_csv(tmp_path / "ref" / "smoke" / "epochs.csv")
+    eb = pd.read_csv(out / "smoke" / "epochs.csv")
+    pd.testing.assert_frame_equal(_without_timing(ea), _without_timing(eb))
+    for rid in a.run_id:
+        wa = torch.load(tmp_path / "ref" / "smoke" / "runs" / rid / "model.pt", weights_only=True)
+        wb = torch.load(out / "smoke" / "runs" / rid / "model.pt", weights_only=True)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), rid  # bit-for-bit
+
+
+def test_two_processes_share_a_grid_and_train_each_run_once(tmp_path, data_dir):
+    procs = [_subprocess(tmp_path, data_dir, "--seeds", "1") for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    started = sum(o.count("] run ") for o in outputs)
+    assert started == 4, outputs  # every run trained exactly once across the two processes
+    runs = pd.read_csv(tmp_path / "smoke" / "runs.csv")
+    assert len(runs) == 4 and runs.run_id.is_unique and set(runs.status) == {"finished"}
+    epochs = pd.read_csv(tmp_path / "smoke" / "epochs.csv")
+    assert len(epochs) == 8 and not epochs.isna().any().any()
