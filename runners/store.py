@@ -214,7 +214,7 @@ class Store:
             for rdir in sorted((gdir / "runs").glob("*/")):
                 try:
                     summary = json.loads((rdir / "summary.json").read_text())
-                    ep = pd.read_csv(rdir / "epochs.csv") if summary.get("epochs_run", 0) else None
+                    ep = pd.read_csv(rdir / "epochs.csv") if summary["metrics"].get("epochs_run") else None
                 except (FileNotFoundError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
                     continue  # not finished (or being written): not part of the aggregate yet
                 row = summary_row(summary)
