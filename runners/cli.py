@@ -49,6 +49,59 @@ def data() -> None:
     """Import and list data sets (CIFAR-10/100) in the local cache."""
 
 
+_data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False),
+                                help="Data cache folder (default: $ABLATE_DATA or ~/.cache/ablate/data).")
+
+
+@data.command("import")
+@click.argument("name", type=click.Choice(["cifar10", "cifar100"]))
+@click.argument("source")
+@_data_dir_option
+def data_import_cmd(name: str, source: str, data_dir: str | None) -> None:
+    """Convert SOURCE once into the cache: an official cifar-10/100-python archive or its folder, a torchvision
+    root, an image-folder tree or archive (train/<class>/*.png|jpg, test/...), or `download`."""
+    import time
+
+    from runners.data import import_dataset, resolve_data_dir
+
+    start = time.perf_counter()
+    meta = import_dataset(name, source, resolve_data_dir(data_dir))
+    counts = meta["counts"]
+    click.echo(f"imported {meta['label']}: {counts['train']} train + {counts['test']} test images, "
+               f"{meta['num_classes']} classes, sha256 {meta['sha256'][:12]} -> "
+               f"{resolve_data_dir(data_dir) / name} ({time.perf_counter() - start:.1f} s)")
+    if meta["lossy"]:
+        click.echo(f"note: a lossy copy; results measured on it are labelled '{meta['label']}'")
+
+
+@data.command("list")
+@_data_dir_option
+def data_list_cmd(data_dir: str | None) -> None:
+    """Show the cached data sets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from runners.data import list_datasets, resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    found = list_datasets(root)
+    if not found:
+        click.echo(f"no data sets in {root}: run `ablate data import cifar10 SOURCE`")
+        return
+    table = Table(title=f"data sets in {root}")
+    for col in ("name", "label", "train", "test", "classes", "source", "sha256"):
+        table.add_column(col, justify="right" if col in ("train", "test", "classes") else "left",
+                         no_wrap=col in ("name", "sha256"), overflow="fold",
+                         min_width=12 if col == "source" else None)
+    for m in found:
+        if "error" in m:
+            table.add_row(m["name"], f"[red]{m['error']}[/red]", "", "", "", "", "")
+            continue
+        table.add_row(m["name"], m["label"], str(m["counts"]["train"]), str(m["counts"]["test"]),
+                      str(m["num_classes"]), m["source"], m["sha256"][:8])
+    Console().print(table)
+
+
 def _parse_seeds(value: str | None) -> list[int] | None:
     """`--seeds 3` means seeds 0,1,2; `--seeds 0,4,7` means exactly those."""
     if value is None:
@@ -148,9 +201,22 @@ def show_cmd(grid: str, budget: str, seeds: str | None, device: str, probe: bool
 @click.option("--plain", is_flag=True, help="Plain progress lines even on a terminal.")
 @click.option("--no-wait", is_flag=True,
               help="Leave runs that another process is training to it instead of waiting (exit code 75).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train this many runs at once on this machine (processes sharing the grid, cores/jobs threads "
+                   "each).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine; ray: every run as a Ray task (pip install -e '.[ray]').")
+@click.option("--address", help="Ray cluster address HOST:PORT for --executor ray (default: a local Ray instance).")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, envvar="ABLATE_NNODES",
+              show_envvar=True, help="Nodes sharing each multi-device (DDP) run; run the same command on each.")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, envvar="ABLATE_NODE_RANK",
+              show_envvar=True, help="This node's rank; node 0 trains the grid and writes the results.")
+@click.option("--rdzv", default="", envvar="ABLATE_RDZV", show_envvar=True,
+              help="HOST:PORT on node 0 where the nodes of a DDP run meet (needed with --nnodes > 1).")
 @click.pass_context
 def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results: str, data_dir: str | None,
-            dry_run: bool, plain: bool, no_wait: bool, **kw) -> None:
+            dry_run: bool, plain: bool, no_wait: bool, jobs: int, executor: str, address: str | None, nnodes: int,
+            node_rank: int, rdzv: str, **kw) -> None:
     """Train every pending run of a grid; finished runs are skipped, interrupted ones resumed.
 
     Exit codes: 0 all runs done (finished or diverged), 2 bad input, 3 some runs failed,
@@ -172,12 +238,43 @@ def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results
             click.echo(f"{s.run_id}  {state:7s}  {axes} seed={s.seed} epochs={s.epochs}")
         click.echo(f"{len(specs)} runs")
         return
-    reporter = make_reporter(None if not plain else False)
+    if executor == "ray" and (jobs > 1 or nnodes > 1):
+        raise UserError("--executor ray schedules the runs itself (a run's ranks share one node): drop --jobs "
+                        "and --nnodes")
+    if address and executor != "ray":
+        raise UserError("--address is a Ray cluster's address: use it with --executor ray")
+    if jobs > 1 and nnodes > 1:
+        raise UserError("--jobs and --nnodes do not mix: a multi-node grid trains one run at a time")
+    data_path = Path(data_dir) if data_dir else None
+    reporter = None
     try:
-        outcome = run_grid(grid, Path(results), budget, overrides, seed_list,
-                           Path(data_dir) if data_dir else None, device, reporter, wait_for_others=not no_wait)
+        if nnodes > 1:
+            import os
+
+            from runners.ddp import Nodes, follow_grid
+            nodes = Nodes(nnodes, node_rank, rdzv)
+            nodes.check()
+            os.environ.update(nodes.environ())  # read by the torchrun launcher (runners/ddp.py)
+            if node_rank > 0:
+                failed = follow_grid(grid, Path(results), budget, overrides, seed_list, data_path, device, nodes,
+                                     say=click.echo)
+                click.echo(f"node {node_rank}: joined every multi-device run; {failed} failed on this node")
+                sys.exit(3 if failed else 0)
+        if jobs > 1:
+            from runners.executors import run_jobs
+            sys.exit(run_jobs(jobs, grid, Path(results), budget, overrides, seed_list, data_path, device,
+                              not no_wait, say=click.echo))
+        reporter = make_reporter(None if not plain else False)
+        if executor == "ray":
+            from runners.executors import run_grid_ray
+            outcome = run_grid_ray(grid, Path(results), budget, overrides, seed_list, data_path, device, reporter,
+                                   address, wait_for_others=not no_wait)
+        else:
+            outcome = run_grid(grid, Path(results), budget, overrides, seed_list, data_path, device, reporter,
+                               wait_for_others=not no_wait)
     except KeyboardInterrupt:
-        reporter.close()
+        if reporter is not None:
+            reporter.close()
         click.echo("interrupted: every finished epoch is saved; rerun the same command to resume", err=True)
         sys.exit(130)
     click.echo(f"grid {outcome.grid}: {len(outcome.trained)} trained, {len(outcome.skipped)} already done, "
