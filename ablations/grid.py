@@ -166,6 +166,13 @@ def parse_grid(name: str, path: Path) -> Grid:
         for key, value in table.items():
             if key == "seeds":
                 continue
+            if key == "axes":  # a budget may sweep fewer values of an existing Cartesian axis
+                _check_table(value, where, f"budgets.{bname}.axes")
+                for axis, values in value.items():
+                    if axis not in axes:
+                        raise UserError(f"{where}: budgets.{bname}.axes.{axis} is not a Cartesian axis of this grid")
+                    _check_axis(axis, values, f"{where}: budgets.{bname}.axes.{axis}")
+                continue
             check_value(key, value, f"{where}: budgets.{bname}.{key}")
 
     axis_values = {**axes, **{k: v for g in zips.values() for k, v in g.items()}}
@@ -258,26 +265,24 @@ def expand(grid: Grid, budget: str = "gpu", overrides: dict[str, Any] | None = N
         if budget not in grid.budgets:
             raise UserError(f"grid {grid.name!r} has no budget {budget!r}; budgets: "
                             f"{', '.join(['gpu', *sorted(grid.budgets)])}")
-        settings.update({k: v for k, v in grid.budgets[budget].items() if k != "seeds"})
+        settings.update({k: v for k, v in grid.budgets[budget].items() if k not in ("seeds", "axes")})
         if seeds is None and "seeds" in grid.budgets[budget]:
             seeds = list(grid.budgets[budget]["seeds"])
     seeds = list(grid.seeds) if seeds is None else seeds
+    axes = {**grid.axes, **grid.budgets.get(budget, {}).get("axes", {})}
     for key, value in overrides.items():
         check_value(key, value, f"option --{key.replace('_', '-')}")
 
-    cart = [[(k, v) for v in vs] for k, vs in grid.axes.items()]
+    cart = [[(k, v) for v in vs] for k, vs in axes.items()]
     zipped = [[tuple(zip(group, row)) for row in zip(*group.values())] for group in grid.zips.values()]
-    runs = []
+    cells = []
     for combo in itertools.product(*cart, *[[list(z) for z in zs] for zs in zipped]):
         labels: dict[str, Any] = {}
         for part in combo:
-            if isinstance(part, list):
-                labels.update(dict(part))
-            else:
-                labels[part[0]] = part[1]
-        for seed in seeds:
-            runs.append(_resolve(grid.name, settings, labels, overrides, seed))
-    return runs
+            labels.update(dict(part) if isinstance(part, list) else {part[0]: part[1]})
+        cells.append(labels)
+    # seed-major order: a grid stopped half-way has whole replicates (every cell once) rather than some cells
+    return [_resolve(grid.name, settings, labels, overrides, seed) for seed in seeds for labels in cells]
 
 
 def _resolve(grid: str, settings: dict, labels: dict, overrides: dict, seed: int) -> RunSpec:
