@@ -327,5 +327,59 @@ def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int) 
     click.echo(f"report written to {path}")
 
 
+@main.command("bench")
+@click.option("--model", type=click.Choice(["all", "alexnet", "convnet4"]), default="all", show_default=True,
+              help="Which model family to time (the reference is timed with alexnet).")
+@click.option("--batch-size", default=128, show_default=True, type=int, help="Training batch (reference too).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, or cuda[:N].")
+@click.option("--repeats", default=None, type=int, help="Interleaved rounds (default 5; 3 with --quick).")
+@click.option("--quick", is_flag=True, help="A sub-minute subset: no fp32 rows, switches, eval or compile.")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="Time torch.compile rows (default: on, off with --quick).")
+@click.option("--threads", type=int, help="torch.set_num_threads for the bench (default: torch's).")
+@click.option("--out", default="results/bench", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for <device>-<date>.csv, <device>-latest.csv and the baseline.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data cache folder.")
+@click.option("--compare", "baseline", type=click.Path(dir_okay=False),
+              help="Only run the regression gate against this baseline JSON; exit 3 on a regression.")
+@click.option("--tolerance", type=float, help="Gate tolerance (default: the baseline's).")
+@click.option("--update-baseline", is_flag=True, help="Re-measure the gate and write <out>/baseline-cpu.json.")
+def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, quick: bool, compile_: bool | None,
+              threads: int | None, out: str, data_dir: str | None, baseline: str | None, tolerance: float | None,
+              update_baseline: bool) -> None:
+    """Training throughput of the seed chapter's reference and the suite side by side, the data pipeline, the
+    run loop's overhead and the machine's GEMM ceilings, measured interleaved in one process.
+
+    Exit codes: 0 done (or the gate passed), 2 bad input, 3 the gate found a regression."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from runners import bench
+
+    console = Console(stderr=True)
+    if update_baseline:
+        path = Path(out) / "baseline-cpu.json"
+        base = bench.update_baseline(path)
+        for name, c in base["cases"].items():
+            click.echo(f"{name:<26} {c['normalised']:9.2f} {bench.GATE_UNIT.split(' (')[0]}  "
+                       f"(rounds {', '.join(f'{v:.2f}' for v in c['rounds'])})")
+        click.echo(f"baseline written to {path}")
+        return
+    if baseline:
+        result, _ = bench.compare_to_baseline(Path(baseline), tolerance)
+        click.echo("\n".join(result.lines()))
+        sys.exit(0 if result.ok else 3)
+    cfg = bench.BenchConfig(model=model, batch_size=batch_size, device=device, quick=quick, compile=compile_,
+                            repeats=repeats or (3 if quick else 5), threads=threads,
+                            data_dir=Path(data_dir) if data_dir else None)
+    result = bench.run_bench(cfg, say=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    Console().print(bench.bench_table(result))
+    for line in bench.target_lines(bench.check_targets(result.rows)):
+        click.echo(line)
+    path, latest = bench.write_results(result, Path(out))
+    click.echo(f"results written to {path} (and {latest.name})")
+
+
 if __name__ == "__main__":
     main()

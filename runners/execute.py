@@ -51,7 +51,8 @@ def plan(grid_name: str, budget: str = "gpu", overrides: dict | None = None,
 
 
 def check_devices(specs: list[RunSpec], device: torch.device) -> None:
-    need = max(s.devices for s in specs)
+    nnodes = int(os.environ.get("ABLATE_NNODES") or 1)  # multi-node data parallelism (runners/ddp.py)
+    need = -(-max(s.devices for s in specs) // nnodes)
     have = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
     if need > have:
         kind = "CUDA devices" if device.type == "cuda" else "CPU cores (one process each)"
@@ -76,16 +77,7 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
     data_dir = resolve_data_dir(data_dir)
     datasets = {name: load_dataset(name, data_dir) for name in sorted({s.dataset for s in specs})}
 
-    gdir = store.grid_dir(grid.name)
-    gdir.mkdir(parents=True, exist_ok=True)
-    first = next(iter(datasets.values()))
-    atomic_write_json(gdir / "grid.json", {
-        **grid.to_json(), "budget": budget, "overrides": overrides or {},
-        "command": command or "ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "dataset": specs[0].dataset, "dataset_label": first.meta.get("label", specs[0].dataset),
-        "model": specs[0].model.arch, "epochs": specs[0].epochs,
-        "early_stop": ({"metric": specs[0].early_stop_metric, "below": specs[0].early_stop_below}
-                       if specs[0].early_stop_metric else None)})
+    write_grid_json(store, grid, specs, budget, overrides, datasets, command)
 
     outcome = GridOutcome(grid.name, len(specs))
     done = sum(store.is_done(grid.name, s.run_id) for s in specs)
@@ -95,7 +87,8 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
     while pending:
         waiting = []
         for i, spec in pending:
-            state = _attempt(spec, i, len(specs), store, grid.name, datasets, dev, context, reporter, outcome)
+            state = _attempt(spec, i, len(specs), store, grid.name, datasets, dev, context, reporter, outcome,
+                             data_dir)
             if state == "busy":
                 waiting.append((i, spec))
         if waiting and not wait_for_others:
@@ -109,8 +102,25 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
     return outcome
 
 
+def write_grid_json(store: Store, grid: Grid, specs: list[RunSpec], budget: str, overrides: dict | None,
+                    datasets: dict, command: str | None) -> None:
+    """results/<grid>/grid.json: what the report needs to know about the grid and the command that ran it."""
+    gdir = store.grid_dir(grid.name)
+    gdir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(datasets.values()))
+    atomic_write_json(gdir / "grid.json", {
+        **grid.to_json(), "budget": budget, "overrides": overrides or {},
+        "command": command or "ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "dataset": specs[0].dataset, "dataset_label": first.meta.get("label", specs[0].dataset),
+        "model": specs[0].model.arch, "epochs": specs[0].epochs,
+        "run_seeds": sorted({s.seed for s in specs}),
+        "axis_values": {a: list(dict.fromkeys(dict(s.axes)[a] for s in specs)) for a in grid.axis_names},
+        "early_stop": ({"metric": specs[0].early_stop_metric, "below": specs[0].early_stop_below}
+                       if specs[0].early_stop_metric else None)})
+
+
 def _attempt(spec: RunSpec, i: int, total: int, store: Store, grid: str, datasets: dict, dev: torch.device,
-             context: dict, reporter: PlainReporter, outcome: GridOutcome) -> str:
+             context: dict, reporter: PlainReporter, outcome: GridOutcome, data_dir: Path | None = None) -> str:
     """Train one run unless it is done or locked by a live process. Returns "done", "trained" or "busy"."""
     if store.is_done(grid, spec.run_id):
         outcome.skipped.append(spec.run_id)
@@ -126,7 +136,7 @@ def _attempt(spec: RunSpec, i: int, total: int, store: Store, grid: str, dataset
             outcome.skipped.append(spec.run_id)
             return "done"
         reporter.start_run(spec, i, total)
-        result = train_one(spec, datasets[spec.dataset], rdir, dev, context, reporter, lock)
+        result = train_one(spec, datasets[spec.dataset], rdir, dev, context, reporter, lock, data_dir)
         reporter.end_run(result)
     finally:
         lock.release()
@@ -140,7 +150,7 @@ def _attempt(spec: RunSpec, i: int, total: int, store: Store, grid: str, dataset
 
 
 def train_one(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[str, Any],
-              reporter: PlainReporter, lock: RunLock):
+              reporter: PlainReporter, lock: RunLock, data_dir: Path | None = None):
     """One run in this process, or, for devices > 1, through torch.distributed.run (runners/ddp.py)."""
     def on_epoch(row: dict) -> None:
         lock.heartbeat()
@@ -148,5 +158,5 @@ def train_one(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[
 
     if spec.devices > 1:
         from runners.ddp import launch_ddp_run
-        return launch_ddp_run(spec, rdir, dev, context, on_epoch)
+        return launch_ddp_run(spec, rdir, dev, context, on_epoch, data_dir)
     return train_run(spec, data, rdir, dev, context=context, on_epoch=on_epoch, on_step=reporter.step)

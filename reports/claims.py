@@ -1,0 +1,367 @@
+"""Each claim's effect, interval and verdict, computed from runs.csv.
+
+A claim (a `[[claims]]` table of the grid TOML, copied into grid.json) compares values a and b of one axis on one
+metric, as a ratio a/b or a difference a - b (error metrics in percentage points). Runs of a and b with the same
+seed are paired. Every other axis that varies on its own (not the claim's axis, its tune axis, a fixed filter,
+or an axis zipped to one of those) splits the claim into one row per value: relu-6x gets a row per condition.
+A `tune` axis is chosen per side and per row first: its value with the lowest mean metric over seeds."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from reports.load import GridResults, canon
+from reports.stats import Interval, compare
+
+ERROR_METRICS = {"train_error", "test_error", "test_error_top5", "best_test_error", "gap"}
+TIE_BREAK = "train_error"  # among tune values with equal mean metric (e.g. all censored), the one that got closer
+
+REPRODUCED = "reproduced"
+SMALLER = "same direction, smaller"
+NOT_REPRODUCED = "not reproduced"
+INCONCLUSIVE = "inconclusive"
+SINGLE = "single seed: no interval"
+NO_DATA = "no data"
+MEASURED = "measured"
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    paper_claim: str
+    title: str
+    metric: str
+    axis: str
+    a: Any
+    b: Any
+    effect: str  # "ratio" | "difference"
+    paper: float | None = None  # in the claim's convention: positive = the paper's direction
+    tune: str | None = None
+    fixed: tuple[tuple[str, Any], ...] = ()
+    tune_metric: str | None = None  # the metric that picks the tune value (default: metric)
+    per: float = 1.0  # the effect is divided by this (scaling efficiency = speed-up / N)
+    secondary: bool = False  # a line the report adds under a declared claim
+
+    @property
+    def reference(self) -> float:
+        return 1.0 if self.effect == "ratio" else 0.0
+
+    @property
+    def scale(self) -> float:
+        return 100.0 if self.effect == "difference" and self.metric in ERROR_METRICS else 1.0
+
+    @property
+    def unit(self) -> str:
+        if self.effect == "ratio":
+            return "%" if self.per != 1 else "x"
+        return " pts" if self.scale == 100 else ""
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    grid: str
+    claim: Claim
+    split: tuple[tuple[str, str], ...]  # the row's values of the splitting axes
+    interval: Interval
+    paired: bool
+    n_a: int
+    n_b: int
+    censored_a: int
+    censored_b: int
+    cap: float  # the epoch cap censored runs count at
+    tuned_a: str | None
+    tuned_b: str | None
+    runs_a: tuple[str, ...]
+    runs_b: tuple[str, ...]
+    verdict: str
+    bound: str  # "" | "lower" | "upper" | "mixed": the effect is a bound because of censored runs
+    notes: tuple[str, ...]
+    dataset_label: str
+    budget: str
+
+    @property
+    def split_label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.split)
+
+    @property
+    def label(self) -> str:
+        return f"{self.claim.id} [{self.split_label}]" if self.split else self.claim.id
+
+    @property
+    def n_text(self) -> str:
+        if self.interval.method == "none":
+            return "0"
+        return f"{self.n_a}+{self.n_b} (unpaired)" if not self.paired else str(self.interval.n)
+
+    def ours_text(self) -> str:
+        iv, c = self.interval, self.claim
+        if iv.method == "none":
+            return "-"
+        sign = {"lower": "≥ ", "upper": "≤ "}.get(self.bound, "")
+        text = sign + fmt(iv.estimate, c)
+        if iv.has_interval:
+            text += f" [{fmt(iv.lo, c, unit=False)}, {fmt(iv.hi, c, unit=False)}]"
+        else:
+            text += " (single seed: no interval)"
+        censored = [self._censored_text(n, used, value)
+                    for n, used, value in ((self.censored_a, self.runs_a, c.a), (self.censored_b, self.runs_b, c.b))
+                    if n]
+        if censored:
+            text += f" ({'; '.join(censored)})"
+        return text
+
+    def _censored_text(self, n: int, used: tuple[str, ...], value: Any) -> str:
+        at = "their training time" if self.claim.metric.startswith("seconds") else f"{self.cap:g} epochs"
+        return f"{n} of {len(used)} {side_name(self.claim, value)} runs censored at {at}"
+
+    def paper_text(self) -> str:
+        return "no number" if self.claim.paper is None else fmt(self.claim.paper, self.claim)
+
+    def row(self) -> dict[str, Any]:
+        """One line of verdicts.csv."""
+        c, iv = self.claim, self.interval
+        return {"grid": self.grid, "claim": c.id, "paper_claim": c.paper_claim, "title": c.title,
+                "split": self.split_label, "secondary": c.secondary, "metric": c.metric, "axis": c.axis,
+                "a": canon(c.a), "b": canon(c.b), "effect": c.effect, "unit": c.unit.strip(),
+                "paper": c.paper, "estimate": iv.estimate * (100 if c.unit == "%" else 1),
+                "lo": iv.lo * (100 if c.unit == "%" else 1), "hi": iv.hi * (100 if c.unit == "%" else 1),
+                "method": iv.method, "paired": self.paired, "n": self.n_text, "n_a": self.n_a, "n_b": self.n_b,
+                "bound": self.bound, "censored_a": self.censored_a, "censored_b": self.censored_b,
+                "tuned_a": self.tuned_a or "", "tuned_b": self.tuned_b or "", "verdict": self.verdict,
+                "paper_text": self.paper_text(), "ours": self.ours_text(), "notes": "; ".join(self.notes),
+                "dataset_label": self.dataset_label, "budget": self.budget,
+                "runs_a": " ".join(self.runs_a), "runs_b": " ".join(self.runs_b)}
+
+
+def fmt(x: float, claim: Claim, unit: bool = True) -> str:
+    if x is None or math.isnan(x):
+        return "-"
+    u = claim.unit if unit else ""
+    if claim.unit == "%":
+        return f"{100 * x:.0f}{u}"
+    if claim.effect == "ratio":
+        return f"{x:.2f}{u}"
+    return f"{x:+.2f}{u}" if claim.scale == 100 else f"{x:+.3g}{u}"
+
+
+def side_name(claim: Claim, value: Any) -> str:
+    """'tanh' for a named value, 'lrn=True' or 'devices=2' for a bare number or switch."""
+    text = canon(value)
+    return text if isinstance(value, str) and text == value else f"{claim.axis}={text}"
+
+
+# ---------------------------------------------------------------- claims of a grid
+
+def claims_of(grid: GridResults) -> list[Claim]:
+    """The grid's declared claims plus the secondary lines the report always shows with them:
+    seconds to target beside epochs to target, top-5 beside top-1 on CIFAR-100, scaling efficiency (and
+    accuracy parity, unless declared) beside a data-parallel speed-up."""
+    raw = grid.meta.get("claims", [])
+    declared = {(c.get("metric"), c.get("axis"), canon(c.get("a")), canon(c.get("b"))) for c in raw}
+    cifar100 = "cifar100" in grid.label("dataset")
+    out = []
+    for c in raw:
+        claim = Claim(id=c["id"], paper_claim=c.get("paper_claim") or c["id"], title=c.get("title") or c["id"],
+                      metric=c["metric"], axis=c["axis"], a=c["a"], b=c["b"], effect=c["effect"],
+                      paper=c.get("paper"), tune=c.get("tune"), fixed=tuple(sorted((c.get("fixed") or {}).items())))
+        out.append(claim)
+        key = (claim.axis, canon(claim.a), canon(claim.b))
+        if claim.metric == "epochs_to_target":
+            out.append(dataclasses.replace(
+                claim, id=f"{claim.id}/seconds", metric="seconds_to_target", paper=None, secondary=True,
+                tune_metric="epochs_to_target", title=f"{claim.title}: the same runs in training seconds"))
+        if (claim.metric == "test_error" and claim.effect == "difference" and cifar100
+                and ("test_error_top5", *key) not in declared):
+            out.append(dataclasses.replace(claim, id=f"{claim.id}/top5", metric="test_error_top5", paper=None,
+                                           secondary=True, title=f"{claim.title} (top-5)"))
+        if claim.axis == "devices" and claim.metric == "images_per_second" and claim.effect == "ratio":
+            n = float(claim.a) / float(claim.b)
+            out.append(dataclasses.replace(claim, id=f"{claim.id}/efficiency", per=n, paper=None, secondary=True,
+                                           title=f"Scaling efficiency: speed-up / {n:g}"))
+            if ("test_error", *key) not in declared:
+                out.append(dataclasses.replace(claim, id=f"{claim.id}/accuracy", metric="test_error",
+                                               effect="difference", paper=None, secondary=True,
+                                               title="Test top-1 error, N devices minus one"))
+    return out
+
+
+def keyed(runs: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Axis columns in one canonical spelling, so TOML values, JSON values and CSV columns compare equal."""
+    return runs.assign(**{a: runs[a].map(canon) for a in axes if a in runs})
+
+
+def determined(runs: pd.DataFrame, column: str, by: list[str]) -> bool:
+    """True when `column` takes one value for each combination of `by` (a zip partner, not a factor of its own)."""
+    if not by:
+        return runs[column].nunique(dropna=False) <= 1
+    return bool((runs.groupby(by, dropna=False)[column].nunique(dropna=False) <= 1).all())
+
+
+def split_axes(runs: pd.DataFrame, axes: list[str], claim: Claim) -> list[str]:
+    """The axes that split a claim into rows: they vary, and no axis already accounted for determines them."""
+    base = [claim.axis] + ([claim.tune] if claim.tune else [])
+    skip = set(base) | {k for k, _ in claim.fixed} | {"seed"}
+    kept: list[str] = []
+    for axis in axes:
+        if axis in skip or axis not in runs or runs[axis].nunique() < 2:
+            continue
+        if not determined(runs, axis, base + kept):
+            kept.append(axis)
+    return kept
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate(grid: GridResults) -> list[ClaimResult]:
+    runs = keyed(grid.runs, grid.axes)
+    return [r for claim in claims_of(grid) for r in evaluate_claim(grid, claim, runs)]
+
+
+def evaluate_claim(grid: GridResults, claim: Claim, runs: pd.DataFrame) -> list[ClaimResult]:
+    """One result per row of the claim (per value of its splitting axes)."""
+    if claim.axis not in runs or not len(runs):
+        return [_empty(grid, claim, (), "no runs")]
+    splits = split_axes(runs, grid.axes, claim)
+    usable = runs[runs.status.isin(["finished", "diverged"])]
+    for key, value in claim.fixed:
+        if key in usable:
+            usable = usable[usable[key] == canon(value)]
+    if not splits:
+        return [_evaluate_row(grid, claim, usable, ())]
+    out = []
+    for values, _ in runs.groupby(splits, sort=True):
+        values = values if isinstance(values, tuple) else (values,)
+        split = tuple(zip(splits, values))
+        rows = usable
+        for axis, value in split:
+            rows = rows[rows[axis] == value]
+        out.append(_evaluate_row(grid, claim, rows, split))
+    return out
+
+
+def pick_tuned(side: pd.DataFrame, tune: str, metric: str) -> str | None:
+    """The tune value with the lowest mean metric over seeds (censored runs already count at the cap)."""
+    tie = TIE_BREAK if TIE_BREAK in side else metric
+    means = side.groupby(tune).agg(mean=(metric, "mean"), tie=(tie, "mean")).dropna(subset=["mean"])
+    if not len(means):
+        return None
+    return str(means.sort_values(["mean", "tie"], kind="stable").index[0])
+
+
+def _evaluate_row(grid: GridResults, claim: Claim, rows: pd.DataFrame,
+                  split: tuple[tuple[str, str], ...]) -> ClaimResult:
+    sides, tuned, notes = {}, {}, []
+    for name, value in (("a", claim.a), ("b", claim.b)):
+        side = rows[rows[claim.axis] == canon(value)]
+        side = side[side[claim.metric].notna()] if claim.metric in side else side.iloc[:0]
+        if claim.tune and claim.tune in side and len(side):
+            tuned[name] = pick_tuned(side, claim.tune, claim.tune_metric or claim.metric)
+            side = side[side[claim.tune] == tuned[name]]
+        sides[name] = side
+    missing = [side_name(claim, v) for n, v in (("a", claim.a), ("b", claim.b)) if not len(sides[n])]
+    if missing:
+        return _empty(grid, claim, split, f"no finished runs with a {claim.metric} for {' and '.join(missing)}")
+
+    per_seed = {n: s.groupby("seed")[claim.metric].mean() * claim.scale for n, s in sides.items()}
+    if any(s.seed.duplicated().any() for s in sides.values()):
+        notes.append("more than one run per seed on a side (settings outside the axes differ): averaged")
+    common = sorted(set(per_seed["a"].index) & set(per_seed["b"].index))
+    if len(common) >= 2 or (common and min(len(per_seed["a"]), len(per_seed["b"])) < 2):
+        paired = True
+        va, vb = per_seed["a"].loc[common], per_seed["b"].loc[common]
+        left = len(per_seed["a"]) + len(per_seed["b"]) - 2 * len(common)
+        if left:
+            notes.append(f"{left} run(s) without a partner seed left out")
+    else:
+        paired = False
+        va, vb = per_seed["a"], per_seed["b"]
+        if min(len(va), len(vb)) >= 2:
+            notes.append("seeds do not pair: unpaired bootstrap")
+    used = {n: sides[n][sides[n].seed.isin(v.index)] for n, v in (("a", va), ("b", vb))}
+
+    iv = compare(va.to_numpy(), vb.to_numpy(), claim.effect, paired)
+    if claim.per != 1:
+        iv = dataclasses.replace(iv, estimate=iv.estimate / claim.per, lo=iv.lo / claim.per, hi=iv.hi / claim.per)
+    flag = f"{claim.metric}_censored"
+    cens = {n: int(u[flag].sum()) if flag in u else 0 for n, u in used.items()}
+    bound = {(True, False): "lower", (False, True): "upper", (True, True): "mixed"}.get(
+        (cens["a"] > 0, cens["b"] > 0), "")
+    diverged = sum(int((u.status == "diverged").sum()) for u in used.values())
+    if diverged:
+        notes.append(f"{diverged} diverged run(s) included" + (" (never reached the target: censored)"
+                                                              if flag in rows else ""))
+    if claim.tune:
+        notes.insert(0, "best " + claim.tune + ": " + ", ".join(
+            f"{side_name(claim, v)} {tuned.get(n)}{_lr_note(used[n], claim.tune)}"
+            for n, v in (("a", claim.a), ("b", claim.b))))
+    if paired and iv.has_interval:
+        notes.append(iv.method)
+    cap = float(pd.concat([used["a"], used["b"]])["epochs"].max()) if "epochs" in rows else math.nan
+    return ClaimResult(grid=grid.name, claim=claim, split=split, interval=iv, paired=paired,
+                       n_a=len(va), n_b=len(vb), censored_a=cens["a"], censored_b=cens["b"], cap=cap,
+                       tuned_a=tuned.get("a"), tuned_b=tuned.get("b"),
+                       runs_a=tuple(used["a"].run_id), runs_b=tuple(used["b"].run_id),
+                       verdict=qualify(verdict(iv, claim), bound, claim), bound=bound, notes=tuple(notes),
+                       dataset_label=grid.label("dataset_label"), budget=grid.label("budget"))
+
+
+def _lr_note(side: pd.DataFrame, tune: str) -> str:
+    """When the sweep is over a learning-rate scale, also name the rate it came to."""
+    if tune == "lr" or "lr" not in side or side["lr"].nunique() != 1:
+        return ""
+    return f" (lr {side['lr'].iloc[0]})"
+
+
+def _empty(grid: GridResults, claim: Claim, split: tuple, why: str) -> ClaimResult:
+    nan = math.nan
+    return ClaimResult(grid=grid.name, claim=claim, split=split, interval=Interval(nan, nan, nan, 0, "none"),
+                       paired=False, n_a=0, n_b=0, censored_a=0, censored_b=0, cap=nan, tuned_a=None, tuned_b=None,
+                       runs_a=(), runs_b=(), verdict=NO_DATA, bound="", notes=(why,),
+                       dataset_label=grid.label("dataset_label"), budget=grid.label("budget"))
+
+
+# ---------------------------------------------------------------- verdicts
+
+def verdict(iv: Interval, claim: Claim) -> str:
+    """The rule written in REPORT.md: the interval against zero (differences) or one (ratios) and the paper."""
+    if iv.method == "none":
+        return NO_DATA
+    if not iv.has_interval:
+        return SINGLE
+    ref = claim.reference
+    if claim.paper is None or claim.paper == ref:
+        a, b = side_name(claim, claim.a), side_name(claim, claim.b)
+        a_b = f"{a} - {b}" if claim.effect == "difference" else f"{a} / {b}"
+        a_b += f" / {claim.per:g}" if claim.per != 1 else ""
+        if iv.lo > ref:
+            return f"{MEASURED}: {a_b} > {ref:g}"
+        if iv.hi < ref:
+            return f"{MEASURED}: {a_b} < {ref:g}"
+        return f"{MEASURED}: {a_b} spans {ref:g}"
+    s = 1.0 if claim.paper > ref else -1.0  # flip so that the paper's direction is positive
+    lo, hi = sorted(((iv.lo - ref) * s, (iv.hi - ref) * s))
+    if lo > 0:
+        return REPRODUCED if hi >= (claim.paper - ref) * s else SMALLER
+    if hi < 0:
+        return NOT_REPRODUCED
+    return INCONCLUSIVE
+
+
+def qualify(text: str, bound: str, claim: Claim) -> str:
+    """A verdict on a censored bound holds only where the truth beyond the bound cannot change it."""
+    if not bound or text in (NO_DATA,):
+        return text
+    if bound == "mixed":
+        return f"{text} (censored runs on both sides: a rough estimate)"
+    if claim.paper is None:
+        return f"{text} (a {bound} bound)"
+    towards = (bound == "lower") == (claim.paper > claim.reference)  # truth may lie further the paper's way
+    firm = REPRODUCED if towards else NOT_REPRODUCED
+    if text == firm:
+        return text
+    more = "larger" if towards else "smaller"
+    return f"{text} (a {bound} bound: the true effect may be {more})"

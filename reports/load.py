@@ -1,0 +1,252 @@
+"""Read the results store (results/<grid>/grid.json, runs.csv, epochs.csv) into frames, or say what is wrong.
+
+The aggregates are derived files written atomically by `ablate run`; one that is missing while run folders
+exist, cut short, or unparseable is an error that names the file and the command that regenerates it. A grid
+folder with no runs at all is not an error: the report says "no runs". Derived metrics (the train/test gap,
+censored times to a target) are added here once, so claims and figures read the same numbers."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ablations.errors import UserError
+
+RUN_KEYS = ["run_id", "status", "seed"]
+EPOCH_KEYS = ["run_id", "epoch", "train_error", "test_error"]
+METRICS = ["train_loss", "train_error", "test_loss", "test_error", "test_error_top5", "best_test_error", "gap",
+           "epochs_run", "epochs_to_target", "seconds_to_target", "epochs_to_loss", "train_seconds",
+           "wall_seconds", "images_per_second"]
+# a metric that is empty when a run never got there: counted at what the run spent (censored), never dropped
+CENSORABLE = ("epochs_to_target", "seconds_to_target", "epochs_to_loss")
+# settings outside the axes that must match the latest `ablate run` (grid.json) for a run to be reported
+SETTING_KEYS = ("budget", "dataset", "epochs")
+
+
+@dataclass(frozen=True)
+class GridResults:
+    name: str
+    path: Path
+    meta: dict[str, Any]  # grid.json
+    runs: pd.DataFrame  # runs.csv with derived columns; empty when there are no runs
+    epochs: pd.DataFrame  # epochs.csv
+    notes: tuple[str, ...] = field(default=())  # what was left out while loading
+
+    @property
+    def axes(self) -> list[str]:
+        return [a for a in self.meta.get("axes", []) if a in self.runs.columns]
+
+    def command(self, default: str = "") -> str:
+        return self.meta.get("command") or default or f"ablate run --grid {self.name}"
+
+    def label(self, column: str, meta_key: str | None = None) -> str:
+        """The value(s) a column holds, as recorded (e.g. the data set label), else grid.json's."""
+        if column in self.runs and self.runs[column].notna().any():
+            return ", ".join(sorted({str(v) for v in self.runs[column].dropna()}))
+        return str(self.meta.get(meta_key or column) or "")
+
+
+def grid_dirs(results_dir: Path) -> list[str]:
+    """Names of the folders under results that hold a grid (grid.json, runs.csv or run folders)."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and any((p / f).exists() for f in ("grid.json", "runs.csv", "runs")))
+
+
+def load_results(results_dir: Path, grids: list[str] | None = None) -> list[GridResults]:
+    """Every requested grid under results_dir (all of them by default)."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise UserError(f"no results folder {root}; run `ablate run --grid NAME` first, or point --results at one")
+    found = grid_dirs(root)
+    if not found:
+        raise UserError(f"{root} holds no grid results (no <grid>/grid.json); run `ablate run --grid NAME` first")
+    unknown = [g for g in grids or [] if g not in found]
+    if unknown:
+        raise UserError(f"no results for grid {unknown[0]!r} under {root}; grids with results: {', '.join(found)}")
+    return [load_grid(root, name) for name in (list(dict.fromkeys(grids)) if grids else found)]
+
+
+def load_grid(results_dir: Path, name: str) -> GridResults:
+    gdir = Path(results_dir) / name
+    rerun = f"re-run `ablate run --grid {name}` (finished runs are skipped) to regenerate it"
+    meta = _read_meta(gdir / "grid.json", name, rerun)
+    run_folders = [p for p in (gdir / "runs").glob("*/")] if (gdir / "runs").is_dir() else []
+    if not (gdir / "runs.csv").exists():
+        if run_folders:
+            raise UserError(f"{gdir / 'runs.csv'} is missing but {len(run_folders)} run folders exist; {rerun}")
+        return GridResults(name, gdir, meta, pd.DataFrame(columns=RUN_KEYS), pd.DataFrame(columns=EPOCH_KEYS))
+    runs = _read_csv(gdir / "runs.csv", [*RUN_KEYS, *[a for a in meta.get("axes", [])]], rerun)
+    epochs = _read_csv(gdir / "epochs.csv", EPOCH_KEYS, rerun)
+    runs, notes = _current_settings(runs, meta)
+    runs = derive_metrics(runs, meta)
+    epochs = epochs[epochs.run_id.isin(runs.run_id)]
+    return GridResults(name, gdir, meta, runs.reset_index(drop=True), epochs.reset_index(drop=True), tuple(notes))
+
+
+def _read_meta(path: Path, name: str, rerun: str) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(f"{path} is missing; re-run `ablate run --grid {name}`, which writes it")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path} is not readable JSON ({type(err).__name__}); re-run `ablate run --grid {name}`, "
+                        f"which rewrites it") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a grid description (expected a JSON object); {rerun}")
+    meta.setdefault("name", name)
+    return meta
+
+
+def _read_csv(path: Path, required: list[str], rerun: str) -> pd.DataFrame:
+    """A CSV written whole by an atomic writer; anything else (cut short, garbled, missing columns) is an error."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {rerun}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} cannot be read ({type(err).__name__}); {rerun}") from None
+    if not text.strip():
+        raise UserError(f"{path} is empty; {rerun}")
+    if not text.endswith("\n"):
+        raise UserError(f"{path} is truncated (its last line is cut off); {rerun}")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        raise UserError(f"{path} is not a readable CSV ({str(err).splitlines()[0][:80]}); {rerun}") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; {rerun}")
+    return df
+
+
+def _current_settings(runs: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, list[str]]:
+    """Keep the runs made with the settings of the latest `ablate run` (budget, data set, epoch cap, overrides).
+
+    Runs of other budgets or overrides share the folder but not the question; mixing them would average, say,
+    10-epoch and 90-epoch runs into one cell."""
+    want = {k: meta[k] for k in SETTING_KEYS if meta.get(k) is not None}
+    want.update({k: v for k, v in (meta.get("overrides") or {}).items() if k not in want})
+    keep = pd.Series(True, index=runs.index)
+    for key, value in want.items():
+        if key in runs.columns:  # the runner writes a zero setting (subset = 0: all images) as empty
+            keep &= runs[key].map(lambda v: canon(v) or "0") == (canon(value) or "0")
+    dropped = runs[~keep]
+    if not len(dropped):
+        return runs, []
+    settings = ", ".join(f"{k}={v}" for k, v in want.items())
+    return runs[keep], [f"{len(dropped)} runs made with other settings than the latest command ({settings}) "
+                        f"are left out"]
+
+
+def derive_metrics(runs: pd.DataFrame, meta: dict | None = None) -> pd.DataFrame:
+    """Add `gap` (test - train error, final epoch) and fill censorable metrics of runs that never got there.
+
+    A run that never reached its target counts at what it spent: the epoch cap (epochs_*) or its training
+    seconds (seconds_*), with `<metric>_censored` = True. Failed runs carry no numbers and are left as they are."""
+    runs = runs.copy()
+    for m in METRICS:
+        if m != "gap" and m not in runs:
+            runs[m] = np.nan
+        elif m != "gap":
+            runs[m] = pd.to_numeric(runs[m], errors="coerce")
+    runs["gap"] = runs.test_error - runs.train_error
+    cap = pd.to_numeric(runs["epochs"], errors="coerce") if "epochs" in runs else pd.Series(np.nan, runs.index)
+    cap = cap.fillna((meta or {}).get("epochs", np.nan))
+    ran = runs.status.isin(["finished", "diverged"])
+    has_target = _present(runs, "target_metric") & ran
+    has_loss = (pd.to_numeric(runs.get("loss_target", pd.Series(np.nan, runs.index)), errors="coerce") > 0) & ran
+    spent = {"epochs_to_target": (has_target, cap), "seconds_to_target": (has_target, runs.train_seconds),
+             "epochs_to_loss": (has_loss, cap)}
+    for m, (applies, at) in spent.items():
+        censored = applies & runs[m].isna()
+        runs[f"{m}_censored"] = censored
+        runs[m] = runs[m].where(~censored, at)
+    return runs
+
+
+def _present(runs: pd.DataFrame, column: str) -> pd.Series:
+    if column not in runs:
+        return pd.Series(False, index=runs.index)
+    col = runs[column]
+    return col.notna() & (col.astype(str).str.strip() != "")
+
+
+def canon(value: Any) -> str:
+    """One spelling per axis value, whether it came from TOML, JSON or a CSV column: True, 2, 0.5, relu."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, str):
+        if value in ("True", "False", "true", "false"):
+            return value.capitalize()
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        x = float(value)
+        return str(int(x)) if x.is_integer() else repr(x)
+    return str(value)
+
+
+def display_axes(runs: pd.DataFrame, axes: list[str]) -> list[str]:
+    """The axes that name a cell: those that vary and are not fixed by the axes before them (zip partners)."""
+    keys = runs.assign(**{a: runs[a].map(canon) for a in axes if a in runs})
+    kept: list[str] = []
+    for axis in axes:
+        if axis not in keys or keys[axis].nunique() < 2:
+            continue
+        if kept and (keys.groupby(kept)[axis].nunique() <= 1).all():
+            continue
+        kept.append(axis)
+    return kept
+
+
+def cell_label(row: pd.Series | dict, axes: list[str]) -> str:
+    return ", ".join(f"{a}={canon(row[a])}" for a in axes)
+
+
+def coverage(grid: GridResults) -> list[str]:
+    """What the grid lacks, in words: "no runs", "1 of 3 seeds", failed and diverged runs, other settings."""
+    notes = list(grid.notes)
+    runs = grid.runs
+    if not len(runs):
+        return [*notes, "no runs"]
+    axes = display_axes(runs, grid.axes)
+    seen = sorted({int(s) for s in runs.seed.dropna()})
+    planned = grid.meta.get("run_seeds") or (grid.meta.get("seeds") if grid.meta.get("budget", "gpu") == "gpu"
+                                             else None)
+    expected = sorted(set(planned or []) | set(seen))
+    ok = runs[runs.status.isin(["finished", "diverged"])]
+    cells = runs.groupby(axes, sort=True) if axes else [((), runs)]
+    short = []
+    for key, cell in cells:
+        have = cell[cell.status.isin(["finished", "diverged"])].seed.nunique()
+        if have < len(expected):
+            short.append((cell_label(cell.iloc[0], axes), have))
+    n_cells = len(runs.groupby(axes)) if axes else 1
+    if not short:
+        notes.append(f"complete: {n_cells} cell(s) x {len(expected)} seed(s)")
+    elif len({h for _, h in short}) == 1 and len(short) == n_cells:
+        notes.append(f"{short[0][1]} of {len(expected)} seeds")
+    else:
+        shown = "; ".join(f"{label or 'all'}: {h} of {len(expected)} seeds" for label, h in short[:8])
+        notes.append(shown + (f"; and {len(short) - 8} more cells" if len(short) > 8 else ""))
+    for status in ("failed", "diverged"):
+        bad = runs[runs.status == status]
+        if len(bad):
+            which = ", ".join(f"{cell_label(r, axes)} seed {r.seed}".lstrip(", ") for _, r in bad.head(5).iterrows())
+            notes.append(f"{len(bad)} {status} run(s): {which}" + (" ..." if len(bad) > 5 else ""))
+    no_curves = set(ok.run_id) - set(grid.epochs.run_id)
+    if no_curves:
+        notes.append(f"{len(no_curves)} run(s) have no rows in epochs.csv (their learning curves are missing)")
+    return notes

@@ -1,0 +1,341 @@
+"""The report: statistics against known answers, planted effects recovered with the right verdicts, censoring,
+tuning, per-condition rows, and a rendered report from a small synthetic results folder written by
+`write_grid` exactly as results/<grid>/{grid.json, runs.csv, epochs.csv} are laid out by `ablate run`."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from ablations.errors import UserError
+from reports.claims import (INCONCLUSIVE, MEASURED, NOT_REPRODUCED, REPRODUCED, SINGLE, SMALLER, evaluate,
+                            split_axes, keyed, claims_of)
+from reports.load import load_grid, load_results
+from reports.stats import bootstrap, compare, mean_ci, paired_ratio, t_critical
+
+# ---------------------------------------------------------------- the builder
+
+
+def write_grid(root: Path, name: str, runs: list[dict], claims: list[dict], *, epochs: int = 10,
+               seeds: list[int] | None = None, budget: str = "gpu", dataset: str = "cifar10",
+               target: float | None = 0.25, loss_target: float | None = None) -> Path:
+    """Write results/<name>/ as the runner does. Each run dict holds its axis values, `seed`, and optionally
+    epochs_to_target (None = never reached), test_error, train_error, images_per_second, status, epochs_to_loss."""
+    gdir = root / name
+    gdir.mkdir(parents=True)
+    metric_keys = {"seed", "epochs_to_target", "test_error", "train_error", "images_per_second", "status",
+                   "epochs_to_loss", "test_error_top5"}
+    axes = list(dict.fromkeys(k for r in runs for k in r if k not in metric_keys))
+    label = "CIFAR-10 (synthetic test copy)" if dataset == "cifar10" else "CIFAR-100 (synthetic)"
+    meta = {"name": name, "title": f"{name} grid", "description": "synthetic", "model": "alexnet",
+            "dataset": dataset, "axes": axes, "claims": claims, "seeds": seeds or sorted({r["seed"] for r in runs}),
+            "early_stop": {"metric": "train_error", "below": target} if target else None, "epochs": epochs,
+            "budget": budget, "command": f"ablate run --grid {name} --budget {budget}", "dataset_label": label}
+    (gdir / "grid.json").write_text(json.dumps(meta))
+    rows, epoch_rows = [], []
+    for i, r in enumerate(runs):
+        run_id = f"{name[:4]}{i:04d}"
+        reach = r.get("epochs_to_target")
+        reach = reach if reach is not None and reach <= epochs else None  # past the cap: never reached
+        n_ep = reach if (target and reach) else epochs
+        final_train = r.get("train_error", 0.24 if (target and reach) else 0.3)
+        start = 0.9
+        curve = [start + (final_train - start) * e / n_ep for e in range(1, n_ep + 1)]  # linear to the final value
+        test_final = r.get("test_error", 0.3)
+        ips = r.get("images_per_second", 1000.0)
+        cum = np.cumsum([50_000 / ips] * n_ep)
+        for e in range(1, n_ep + 1):
+            epoch_rows.append({"run_id": run_id, "grid": name, **{a: r[a] for a in axes}, "seed": r["seed"],
+                               "epoch": e, "lr": r.get("lr", 0.01), "train_loss": 2.3 * curve[e - 1],
+                               "train_error": curve[e - 1], "test_loss": 2.3 * test_final,
+                               "test_error": test_final + 0.2 * (n_ep - e) / n_ep, "test_error_top5": 0.1,
+                               "epoch_seconds": cum[0], "images_per_second": ips, "cum_seconds": cum[e - 1]})
+        reached = bool(target and reach)
+        rows.append({"run_id": run_id, "grid": name, "status": r.get("status", "finished"),
+                     "stop_reason": "early_stop" if reached else "epochs", **{a: r[a] for a in axes},
+                     "seed": r["seed"], "epochs": epochs, "epochs_run": n_ep, "train_loss": 2.3 * final_train,
+                     "train_error": final_train, "test_loss": 2.3 * test_final, "test_error": test_final,
+                     "test_error_top5": r.get("test_error_top5", 0.1), "best_test_error": test_final,
+                     "target_metric": "train_error" if target else None, "target_value": target,
+                     "epochs_to_target": reach if reached else None,
+                     "seconds_to_target": float(cum[reach - 1]) if reached else None,
+                     "reached_target": reached if target else None,
+                     "epochs_to_loss": r.get("epochs_to_loss"), "loss_target": loss_target,
+                     "wall_seconds": float(cum[-1]) + 5, "train_seconds": float(cum[-1]), "images_per_second": ips,
+                     "dataset": dataset, "dataset_label": label, "precision": "bf16", "device": "cpu",
+                     "device_name": "test cpu", "devices": r.get("devices", 1), "world_size": r.get("devices", 1),
+                     "torch_version": "2.14.1", "width": 1.0, "subset": None, "budget": budget,
+                     "model_params": 1000, "flops_per_image": 1e6})
+    pd.DataFrame(rows).to_csv(gdir / "runs.csv", index=False)
+    pd.DataFrame(epoch_rows).to_csv(gdir / "epochs.csv", index=False)
+    return gdir
+
+
+RELU_CLAIM = {"id": "relu-6x", "paper_claim": "relu-6x", "title": "ReLU 6x faster", "metric": "epochs_to_target",
+              "axis": "activation", "a": "tanh", "b": "relu", "effect": "ratio", "paper": 6.0, "tune": "lr"}
+LRN_CLAIM = {"id": "lrn", "paper_claim": "lrn", "title": "LRN lowers test error", "metric": "test_error",
+             "axis": "lrn", "a": False, "b": True, "effect": "difference", "paper": 1.4}
+
+
+def relu_runs(seeds, relu=(5.0, 0.5), tanh=(30.0, 2.0), rng_seed=0, condition=None):
+    """relu is fastest at lr 0.1, tanh at lr 0.01; the other rate is slower for each (so tuning matters)."""
+    rng = np.random.default_rng(rng_seed)
+    runs = []
+    for seed in seeds:
+        for act, (mu, sd), best in (("relu", relu, 0.1), ("tanh", tanh, 0.01)):
+            for lr in (0.01, 0.1):
+                slow = 1.0 if lr == best else 1.8
+                epochs = max(1, int(round(slow * (mu + sd * rng.standard_normal()))))
+                extra = {"condition": condition} if condition else {}
+                runs.append({"activation": act, "lr": lr, **extra, "seed": seed, "epochs_to_target": epochs})
+    return runs
+
+
+def lrn_runs(seeds, effect_points, noise_points=0.3, rng_seed=1):
+    rng = np.random.default_rng(rng_seed)
+    runs = []
+    for seed in seeds:
+        base = 0.25 + 0.02 * rng.standard_normal()  # a per-seed offset shared by both sides: pairing removes it
+        for lrn in (False, True):
+            err = base + (effect_points / 100 if not lrn else 0) + noise_points / 100 * rng.standard_normal()
+            runs.append({"lrn": lrn, "seed": seed, "test_error": err, "train_error": err - 0.05})
+    return runs
+
+
+def only(results, claim_id):
+    return [r for r in results if r.claim.id == claim_id]
+
+
+# ---------------------------------------------------------------- statistics against known answers
+
+def test_t_critical_matches_tables():
+    known = {1: 12.7062, 2: 4.3027, 4: 2.7764, 9: 2.2622, 29: 2.0452, 120: 1.9799}
+    for df, t in known.items():
+        assert t_critical(0.95, df) == pytest.approx(t, abs=1e-4), df
+    assert t_critical(0.90, 10) == pytest.approx(1.8125, abs=1e-4)
+
+
+def test_mean_ci_formula_and_single_value():
+    iv = mean_ci([1, 2, 3, 4, 5])
+    half = 2.776445 * math.sqrt(2.5) / math.sqrt(5)  # t(0.975, 4) * sd / sqrt(n)
+    assert (iv.estimate, iv.lo, iv.hi) == pytest.approx((3, 3 - half, 3 + half), abs=1e-5)
+    one = mean_ci([7.0, float("nan")])
+    assert one.estimate == 7 and not one.has_interval and one.method == "single"
+
+
+def test_bootstrap_of_a_constant_is_the_constant():
+    for paired in (True, False):
+        iv = bootstrap([5.0] * 4, [2.0] * 4, "ratio", paired=paired)
+        assert (iv.estimate, iv.lo, iv.hi) == pytest.approx((2.5, 2.5, 2.5))
+    iv = bootstrap([5.0, 5.0, 5.0], [2.0, 2.0], "difference", paired=False)
+    assert (iv.lo, iv.hi) == pytest.approx((3.0, 3.0))
+
+
+def test_bootstrap_is_reproducible_and_covers_the_mean_difference():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(10, 1, 6), rng.normal(8, 1, 5)
+    first, second = bootstrap(a, b, "difference", paired=False), bootstrap(a, b, "difference", paired=False)
+    assert first == second
+    assert first.lo < a.mean() - b.mean() < first.hi
+
+
+def test_paired_ratio_is_a_geometric_mean_with_log_t_interval():
+    iv = paired_ratio([2.0, 8.0, 4.0], [1.0, 2.0, 1.0])  # per-seed ratios 2, 4, 4
+    logs = np.log([2, 4, 4])
+    half = 4.302653 * logs.std(ddof=1) / math.sqrt(3)
+    assert iv.estimate == pytest.approx(math.exp(logs.mean()))
+    assert (iv.lo, iv.hi) == pytest.approx((math.exp(logs.mean() - half), math.exp(logs.mean() + half)))
+    assert compare([3.0], [1.0], "ratio", paired=True).method == "single"
+
+
+# ---------------------------------------------------------------- claims and verdicts
+
+def test_planted_6x_is_recovered_and_tuning_picks_each_sides_best_lr(tmp_path):
+    write_grid(tmp_path, "relu_vs_tanh", relu_runs(range(5)), [RELU_CLAIM], epochs=60)
+    grid = load_grid(tmp_path, "relu_vs_tanh")
+    (r,) = only(evaluate(grid), "relu-6x")
+    assert r.tuned_a == "0.01" and r.tuned_b == "0.1"  # tanh best at 0.01, relu at 0.1
+    runs = grid.runs.set_index("run_id")
+    assert set(runs.loc[list(r.runs_a), "lr"]) == {0.01} and set(runs.loc[list(r.runs_b), "lr"]) == {0.1}
+    assert r.paired and r.interval.n == 5 and r.n_text == "5"
+    assert r.interval.lo <= 6.0 <= r.interval.hi and 4 < r.interval.estimate < 8
+    assert r.verdict == REPRODUCED and r.bound == ""
+    assert "best lr: tanh 0.01, relu 0.1" in "; ".join(r.notes)
+    (sec,) = only(evaluate(grid), "relu-6x/seconds")  # the same runs, in training seconds, as a secondary line
+    assert sec.claim.secondary and sec.runs_a == r.runs_a and sec.verdict.startswith(MEASURED)
+
+
+def test_zero_effect_is_inconclusive(tmp_path):
+    write_grid(tmp_path, "lrn", lrn_runs(range(5), effect_points=0.0), [LRN_CLAIM], target=None)
+    (r,) = evaluate(load_grid(tmp_path, "lrn"))
+    assert r.interval.lo < 0 < r.interval.hi and r.verdict == INCONCLUSIVE
+
+
+@pytest.mark.parametrize("effect, expected", [(-2.0, NOT_REPRODUCED), (0.5, SMALLER), (1.6, REPRODUCED)])
+def test_difference_verdicts(tmp_path, effect, expected):
+    write_grid(tmp_path, "lrn", lrn_runs(range(4), effect_points=effect, noise_points=0.05), [LRN_CLAIM],
+               target=None)
+    (r,) = evaluate(load_grid(tmp_path, "lrn"))
+    assert r.interval.estimate == pytest.approx(effect, abs=0.15)  # in percentage points
+    assert r.verdict == expected
+
+
+def test_censored_runs_count_at_the_cap_and_make_a_lower_bound(tmp_path):
+    runs = [{"activation": "relu", "seed": s, "epochs_to_target": 3} for s in range(3)]
+    runs += [{"activation": "tanh", "seed": 0, "epochs_to_target": None},
+             {"activation": "tanh", "seed": 1, "epochs_to_target": None},
+             {"activation": "tanh", "seed": 2, "epochs_to_target": 9}]
+    write_grid(tmp_path, "relu_vs_tanh", runs, [{**RELU_CLAIM, "tune": None}], epochs=10)
+    (r,) = only(evaluate(load_grid(tmp_path, "relu_vs_tanh")), "relu-6x")
+    assert r.censored_a == 2 and r.censored_b == 0 and r.bound == "lower"
+    assert r.interval.estimate == pytest.approx((10 / 3 * 10 / 3 * 3) ** (1 / 3))  # tanh counted as 10, 10, 9
+    assert r.ours_text().startswith("≥ 3.22x") and "2 of 3 tanh runs censored at 10 epochs" in r.ours_text()
+    assert r.verdict.startswith(SMALLER) and "lower bound" in r.verdict  # truth may be larger: not a firm 'smaller'
+
+
+def test_one_seed_gives_no_interval_and_says_so(tmp_path):
+    write_grid(tmp_path, "lrn", lrn_runs([0], effect_points=1.0), [LRN_CLAIM], target=None)
+    (r,) = evaluate(load_grid(tmp_path, "lrn"))
+    assert r.verdict == SINGLE and "single seed: no interval" in r.ours_text()
+    assert not math.isnan(r.interval.estimate) and r.n_text == "1"
+
+
+def test_claim_splits_per_condition_not_per_zipped_partner(tmp_path):
+    runs = []
+    for condition, base, tanh in (("paper", 0.0005, 30.0), ("modern", 0.02, 7.0)):
+        for r in relu_runs(range(3), tanh=(tanh, 0.5), condition=condition):
+            scale = r.pop("lr") * 10  # lr_scale 0.1 or 1; the effective lr moves with condition and scale
+            runs.append({**r, "lr_scale": scale, "preprocess": {"paper": "paper"}.get(condition, "standard"),
+                         "lr": base * scale})
+    claim = {**RELU_CLAIM, "tune": "lr_scale"}
+    write_grid(tmp_path, "relu_vs_tanh", runs, [claim], epochs=60)
+    grid = load_grid(tmp_path, "relu_vs_tanh")
+    assert split_axes(keyed(grid.runs, grid.axes), grid.axes, claims_of(grid)[0]) == ["condition"]
+    rows = {r.split: r for r in only(evaluate(grid), "relu-6x")}
+    assert set(rows) == {(("condition", "modern"),), (("condition", "paper"),)}
+    assert rows[(("condition", "paper"),)].verdict == REPRODUCED
+    assert rows[(("condition", "modern"),)].verdict == SMALLER  # ~1.4x: same direction, below 6x
+    assert "(lr 0.0005)" in rows[(("condition", "paper"),)].notes[0]
+
+
+def test_seeds_that_do_not_pair_fall_back_to_an_unpaired_bootstrap(tmp_path):
+    runs = [r for r in lrn_runs(range(6), effect_points=2.0, noise_points=0.1)
+            if (r["lrn"] and r["seed"] >= 3) or (not r["lrn"] and r["seed"] < 3)]
+    write_grid(tmp_path, "lrn", runs, [LRN_CLAIM], target=None)
+    (r,) = evaluate(load_grid(tmp_path, "lrn"))
+    assert not r.paired and r.interval.method == "bootstrap" and r.n_text == "3+3 (unpaired)"
+    assert "seeds do not pair: unpaired bootstrap" in r.notes
+
+
+def test_data_parallel_gets_efficiency_and_cifar100_gets_top5(tmp_path):
+    claims = [{"id": "data-parallel", "metric": "images_per_second", "axis": "devices", "a": 2, "b": 1,
+               "effect": "ratio"}, {**LRN_CLAIM, "axis": "devices", "a": 1, "b": 2, "id": "acc", "paper": None}]
+    runs = [{"devices": d, "seed": s, "images_per_second": 1000.0 * (1.8 if d == 2 else 1) + 10 * s}
+            for d in (1, 2) for s in range(3)]
+    write_grid(tmp_path, "gpus", runs, claims, target=None, dataset="cifar100")
+    results = evaluate(load_grid(tmp_path, "gpus"))
+    ids = [r.claim.id for r in results]
+    assert ids == ["data-parallel", "data-parallel/efficiency", "data-parallel/accuracy", "acc", "acc/top5"]
+    speed, eff = results[0], results[1]
+    assert eff.interval.estimate == pytest.approx(speed.interval.estimate / 2)
+    assert eff.ours_text().startswith("90%")
+
+
+# ---------------------------------------------------------------- loading errors and the rendered report
+
+def test_truncated_or_missing_runs_csv_is_a_clear_error(tmp_path):
+    gdir = write_grid(tmp_path, "lrn", lrn_runs(range(2), 1.0), [LRN_CLAIM], target=None)
+    text = (gdir / "runs.csv").read_text()
+    (gdir / "runs.csv").write_text(text[: len(text) // 2])
+    with pytest.raises(UserError, match=r"runs\.csv is truncated.*ablate run --grid lrn"):
+        load_results(tmp_path)
+    (gdir / "runs.csv").unlink()
+    (gdir / "runs" / "abc123").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"runs\.csv is missing but 1 run folders exist.*ablate run --grid lrn"):
+        load_results(tmp_path)
+    with pytest.raises(UserError, match=r"no results for grid 'nope'.*grids with results: lrn"):
+        load_results(tmp_path, ["nope"])
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    from runners.cli import main
+
+    gdir = write_grid(tmp_path, "lrn", lrn_runs(range(2), 1.0), [LRN_CLAIM], target=None)
+    (gdir / "runs.csv").write_text("run_id,grid,status\nabc,lrn,fini")
+    result = CliRunner().invoke(main, ["report", "--results", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and result.output.startswith("error: ")
+    assert "Traceback" not in result.output and "re-run `ablate run --grid lrn`" in result.output
+
+
+def _png_ok(path: Path) -> None:
+    from matplotlib.image import imread
+
+    assert path.stat().st_size > 2000, path
+    img = imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100, path
+    assert path.with_suffix(".svg").stat().st_size > 2000
+
+
+def build_results(root: Path) -> None:
+    """A small results folder: two conditions of relu/tanh, LRN with one seed of three, a dropout grid with
+    learning curves, data-parallel devices, and a grid that has no runs yet."""
+    runs = [{**r, "condition": c} for c in ("paper", "modern") for r in relu_runs(range(3), condition=None)]
+    write_grid(root, "relu_vs_tanh", runs, [RELU_CLAIM], epochs=40, budget="cpu")
+    write_grid(root, "lrn", lrn_runs([0], 1.0), [LRN_CLAIM], target=None, seeds=[0, 1, 2])
+    drop = [{"dropout": p, "seed": s, "train_error": 0.05 if p == 0 else 0.15, "test_error": 0.30 - 0.03 * (p > 0)}
+            for p in (0.0, 0.5) for s in range(3)]
+    write_grid(root, "dropout", drop, [{"id": "dropout", "metric": "gap", "axis": "dropout", "a": 0.0, "b": 0.5,
+                                        "effect": "difference"}], target=None)
+    gpus = [{"devices": d, "seed": s, "images_per_second": 900.0 * d ** 0.9 + 5 * s} for d in (1, 2, 4)
+            for s in range(2)]
+    write_grid(root, "gpus", gpus, [{"id": "data-parallel", "paper_claim": "two-gpu", "metric": "images_per_second",
+                                     "axis": "devices", "a": 2, "b": 1, "effect": "ratio"}], target=None)
+    (root / "pooling").mkdir()
+    (root / "pooling" / "grid.json").write_text(json.dumps(
+        {"name": "pooling", "axes": ["pooling"], "claims": [{"id": "overlap-pool", "metric": "test_error",
+                                                             "axis": "pooling", "a": "nonoverlap", "b": "overlap",
+                                                             "effect": "difference", "paper": 0.4}],
+         "command": "ablate run --grid pooling", "dataset_label": "CIFAR-10 (synthetic test copy)"}))
+
+
+def test_render_writes_report_verdicts_and_figures(tmp_path):
+    from reports.render import render_report
+
+    build_results(tmp_path / "results")
+    path = render_report(tmp_path / "results", tmp_path / "out", dpi=40)
+    text = path.read_text()
+    assert path == tmp_path / "out" / "REPORT.md"
+    assert text.index("## Claims") < text.index("## How the verdicts are decided") < text.index("## relu_vs_tanh")
+    assert "relu-6x** (condition=paper)" in text and "relu-6x** (condition=modern)" in text
+    assert "lrn: 1 of 3 seeds" in text and "pooling: no runs" in text
+    assert "augmentation: no runs (`ablate run --grid augmentation`)" in text  # shipped, never run
+    assert "`ablate run --grid relu_vs_tanh --budget cpu`" in text and "CIFAR-10 (synthetic test copy)" in text
+    verdicts = pd.read_csv(tmp_path / "out" / "verdicts.csv")
+    assert {"claim", "split", "paper", "estimate", "lo", "hi", "verdict", "n", "dataset_label"} <= set(verdicts)
+    assert set(verdicts.claim) >= {"relu-6x", "lrn", "dropout", "data-parallel", "data-parallel/efficiency",
+                                   "overlap-pool"}
+    assert verdicts.set_index("claim").loc["lrn", "verdict"] == SINGLE
+    assert verdicts.set_index("claim").loc["overlap-pool", "verdict"] == "no data"
+    figures = sorted((tmp_path / "out" / "figures").glob("*.png"))
+    names = {p.stem for p in figures}
+    assert {"claims_forest", "relu_vs_tanh_figure1", "lrn_lrn_variants", "dropout_dropout_variants",
+            "dropout_dropout_curves", "gpus_scaling"} <= names
+    for png in figures:
+        _png_ok(png)
+        assert f"figures/{png.name}" in text or png.stem == "claims_forest"
+
+
+def test_cli_report_prints_the_claims_table(tmp_path):
+    from runners.cli import main
+
+    write_grid(tmp_path, "lrn", lrn_runs(range(3), 1.6, noise_points=0.05), [LRN_CLAIM], target=None)
+    result = CliRunner().invoke(main, ["report", "--results", str(tmp_path), "--grid", "lrn", "--dpi", "30"])
+    assert result.exit_code == 0, result.output
+    assert "reproduced" in result.output and "lrn: complete" in result.output
+    assert (tmp_path / "report" / "REPORT.md").exists()
+    missing = CliRunner().invoke(main, ["report", "--results", str(tmp_path), "--grid", "nope"])
+    assert missing.exit_code == 2 and "grids with results: lrn" in missing.output
