@@ -25,6 +25,10 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except click.UsageError as err:  # one line, like every other error, instead of usage + hint + error
+            where = err.ctx.command_path if err.ctx else ctx.command_path
+            click.echo(f"error: {err.format_message()} (see `{where} --help`)", err=True)
+            sys.exit(err.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except Exception as err:  # noqa: BLE001 - the last line of defence for users
@@ -264,7 +268,7 @@ def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results
             from runners.executors import run_jobs
             sys.exit(run_jobs(jobs, grid, Path(results), budget, overrides, seed_list, data_path, device,
                               not no_wait, say=click.echo))
-        reporter = make_reporter(None if not plain else False)
+        reporter = make_reporter(None if not plain and executor == "local" else False)  # Ray relays plain lines
         if executor == "ray":
             from runners.executors import run_grid_ray
             outcome = run_grid_ray(grid, Path(results), budget, overrides, seed_list, data_path, device, reporter,

@@ -19,7 +19,8 @@ from ablations.grid import Grid, expand, load_grid
 from ablations.spec import RunSpec
 from runners.data import load_dataset, resolve_data_dir
 from runners.progress import PlainReporter
-from runners.store import RunLock, Store, atomic_write_json
+from runners.faults import fault_point
+from runners.store import RunLock, Store, atomic_write_json, remove_stale_temps
 from runners.train import pick_device, train_run
 
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_BUSY = 0, 3, 75
@@ -122,6 +123,7 @@ def write_grid_json(store: Store, grid: Grid, specs: list[RunSpec], budget: str,
 def _attempt(spec: RunSpec, i: int, total: int, store: Store, grid: str, datasets: dict, dev: torch.device,
              context: dict, reporter: PlainReporter, outcome: GridOutcome, data_dir: Path | None = None) -> str:
     """Train one run unless it is done or locked by a live process. Returns "done", "trained" or "busy"."""
+    fault_point("run", spec.run_id)
     if store.is_done(grid, spec.run_id):
         outcome.skipped.append(spec.run_id)
         reporter.skip(spec, "already done")
@@ -135,6 +137,7 @@ def _attempt(spec: RunSpec, i: int, total: int, store: Store, grid: str, dataset
         if store.is_done(grid, spec.run_id):  # finished by another process since we looked
             outcome.skipped.append(spec.run_id)
             return "done"
+        remove_stale_temps(rdir)  # what a killed writer of this run left; the lock says nobody writes here now
         reporter.start_run(spec, i, total)
         result = train_one(spec, datasets[spec.dataset], rdir, dev, context, reporter, lock, data_dir)
         reporter.end_run(result)
@@ -159,4 +162,9 @@ def train_one(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[
     if spec.devices > 1:
         from runners.ddp import launch_ddp_run
         return launch_ddp_run(spec, rdir, dev, context, on_epoch, data_dir)
-    return train_run(spec, data, rdir, dev, context=context, on_epoch=on_epoch, on_step=reporter.step)
+
+    def on_step(i: int, n: int) -> None:
+        fault_point("step", spec.run_id)
+        reporter.step(i, n)
+
+    return train_run(spec, data, rdir, dev, context=context, on_epoch=on_epoch, on_step=on_step)

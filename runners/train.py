@@ -29,6 +29,7 @@ from runners.store import EPOCH_COLUMNS, atomic_write_bytes, atomic_write_csv, a
     load_checkpoint, save_checkpoint
 
 EVAL_BATCH = 500
+DROPOUT_RANK_STRIDE = 7_777_777  # rank r > 0 of a data-parallel run seeds its dropout RNG with seed + this x r
 
 
 @dataclass
@@ -44,10 +45,18 @@ class RunResult:
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    from ablations.errors import UserError
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from ablations.errors import UserError
         raise UserError(f"device {name!r} asked for but no CUDA device is available; use --device cpu or auto")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
@@ -111,7 +120,9 @@ def train_one_epoch(model, opt, dd: DeviceData, aug: BatchAugmenter, spec: RunSp
     """One pass over the training set. Returns (summed loss, error count) as device tensors and the count.
 
     `shard` = (rank, world): every rank draws the same global permutation and takes its slice of each
-    global batch, so N ranks see exactly the batches one process would."""
+    global batch, so N ranks see exactly the batches one process would. With world > 1 each rank's loss is
+    its sum x world / global batch: DDP averages gradients over ranks, so the step is the global batch mean
+    even when the last batch splits unevenly (a last batch smaller than world is dropped)."""
     rank, world = shard
     model.train()
     n = len(dd.train_y)
@@ -123,16 +134,22 @@ def train_one_epoch(model, opt, dd: DeviceData, aug: BatchAugmenter, spec: RunSp
     seen = 0
     for i in range(steps):
         idx = perm[i * spec.batch_size:(i + 1) * spec.batch_size]
+        n_global = len(idx)
+        if n_global < world:
+            break  # some rank would get an empty batch
         idx = idx.tensor_split(world)[rank]
         x = aug(dd.train_x[idx], aug_gen).contiguous(memory_format=fmt)  # (B, 3, 32, 32) float
         y = dd.train_y[idx]
         with autocast(device, spec.precision):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        if world == 1:
+            loss = F.cross_entropy(logits.float(), y)
+        else:
+            loss = F.cross_entropy(logits.float(), y, reduction="sum") * (world / n_global)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum += loss.detach() * len(y)
+        loss_sum += loss.detach() * (len(y) if world == 1 else n_global / world)
         wrong += (logits.argmax(1) != y).sum()
         seen += len(y)
         if on_step is not None and i % 10 == 0:
@@ -141,17 +158,23 @@ def train_one_epoch(model, opt, dd: DeviceData, aug: BatchAugmenter, spec: RunSp
 
 
 @torch.no_grad()
-def evaluate(model, dd: DeviceData, aug: BatchAugmenter, spec: RunSpec,
-             device: torch.device) -> tuple[float, float, float]:
-    """Test loss, top-1 error, top-5 error. test_crops=10 averages softmax over the paper's ten views."""
+def evaluate(model, dd: DeviceData, aug: BatchAugmenter, spec: RunSpec, device: torch.device,
+             shard: tuple[int, int] = (0, 1),
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float, float]:
+    """Test loss, top-1 error, top-5 error. test_crops=10 averages softmax over the paper's ten views.
+
+    Sharded runs evaluate a slice per rank and sum over ranks, so every rank gets the same numbers (and the
+    plateau schedule takes the same decision everywhere)."""
     model.eval()
     fmt = torch.channels_last if spec.precision == "bf16" else torch.contiguous_format
     loss_sum = torch.zeros((), device=device)
     wrong1 = torch.zeros((), device=device)
     wrong5 = torch.zeros((), device=device)
-    for start in range(0, len(dd.test_y), EVAL_BATCH):
-        x = aug.eval(dd.test_x[start:start + EVAL_BATCH]).contiguous(memory_format=fmt)
-        y = dd.test_y[start:start + EVAL_BATCH]
+    test_x = dd.test_x.tensor_split(shard[1])[shard[0]]
+    test_y = dd.test_y.tensor_split(shard[1])[shard[0]]
+    for start in range(0, len(test_y), EVAL_BATCH):
+        x = aug.eval(test_x[start:start + EVAL_BATCH]).contiguous(memory_format=fmt)
+        y = test_y[start:start + EVAL_BATCH]
         with autocast(device, spec.precision):
             if spec.test_crops == 10:
                 logp = ten_crop_logits(model, x).float().clamp_min(1e-12).log()
@@ -161,6 +184,8 @@ def evaluate(model, dd: DeviceData, aug: BatchAugmenter, spec: RunSpec,
         top5 = logp.topk(min(5, logp.shape[1]), dim=1).indices
         wrong1 += (top5[:, 0] != y).sum()
         wrong5 += (~(top5 == y[:, None]).any(1)).sum()
+    if reduce is not None:
+        loss_sum, wrong1, wrong5 = reduce(torch.stack([loss_sum, wrong1, wrong5]))
     m = len(dd.test_y)
     return (loss_sum / m).item(), (wrong1 / m).item(), (wrong5 / m).item()
 
@@ -180,8 +205,20 @@ def set_rng_state(state: dict, order_gen: torch.Generator, aug_gen: torch.Genera
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def environment(spec: RunSpec, data: CifarData, device: torch.device, context: dict) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"torch_version": torch.__version__, "device": str(device), "device_name": name,
             "precision": spec.precision, "devices": spec.devices, "threads": torch.get_num_threads(),
             "dataset": spec.dataset, "dataset_label": data.meta.get("label", spec.dataset),
@@ -215,17 +252,32 @@ def summarise(spec: RunSpec, rows: list[dict], status: str, stop_reason: str, er
         if len(hit):
             metrics["epochs_to_loss"] = int(hit.epoch.iloc[0])
     return {"run_id": spec.run_id, "grid": spec.grid, "status": status, "stop_reason": stop_reason,
-            "error": error, "axes": dict(spec.axes), "spec": spec.to_json(), "metrics": metrics, "env": env}
+            "error": error, "axes": dict(spec.axes), "spec": spec.to_json(), "metrics": metrics, "env": env,
+            "epochs": [dict(r) for r in rows]}  # the record: a damaged epochs.csv is rewritten from these
+
+
+def end_of_run(spec: RunSpec, row: dict) -> tuple[str, str, str]:
+    """(status, stop_reason, error) after an epoch's row; stop_reason "epochs" means train on (up to the cap)."""
+    if not math.isfinite(row["train_loss"]):
+        return "diverged", "diverged", f"non-finite training loss at epoch {row['epoch']}"
+    if spec.early_stop_metric and row[spec.early_stop_metric] < spec.early_stop_below:
+        return "finished", "early_stop", ""
+    return "finished", "epochs", ""
 
 
 def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.device | str = "auto",
               context: dict | None = None, on_epoch: Callable[[dict], None] | None = None,
               on_step: Callable[[int, int], None] | None = None,
               shard: tuple[int, int] = (0, 1), wrap: Callable | None = None,
-              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RunResult:
+              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              gather: Callable[[dict], list[dict]] | None = None) -> RunResult:
     """Train (or resume) one run into run_dir. Only rank 0 of a sharded run writes files.
 
-    `wrap` wraps the model (DDP), `reduce` sums a device tensor over ranks; both default to one process."""
+    `wrap` wraps the model (DDP), `reduce` sums a device tensor over ranks, `gather` collects one object
+    per rank (every rank's RNG state goes into rank 0's checkpoint); all default to one process.
+    Every rank builds the same initial model (seed); after that rank r > 0 reseeds the global RNG (dropout)
+    with seed + DROPOUT_RANK_STRIDE * r, so ranks draw independent masks and rank 0 draws what one process
+    would."""
     device = pick_device(device) if isinstance(device, str) else device
     run_dir = Path(run_dir)
     writer = shard[0] == 0
@@ -241,6 +293,8 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
     dd = select_data(spec, data, device)
     aug = BatchAugmenter(compute_input_stats(dd.train_x), spec.preprocess, spec.augment, device=device)
     model = build_model(spec.model).to(device)
+    if shard[0]:
+        torch.manual_seed(spec.seed + DROPOUT_RANK_STRIDE * shard[0])
     if spec.precision == "bf16":
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, spec)
@@ -254,7 +308,8 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        set_rng_state(state["rng"], order_gen, aug_gen)
+        ranks = state.get("rng_ranks", [])
+        set_rng_state(ranks[shard[0]] if len(ranks) == shard[1] else state["rng"], order_gen, aug_gen)
         rows = list(state["rows"])
         wall_before = float(state.get("wall", 0.0))
     else:
@@ -264,10 +319,11 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
     env = environment(spec, data, device, context or {})
     extra = {"model_params": count_params(model), "flops_per_image": train_flops_per_image(spec.model),
              "world_size": shard[1]}
-    status, stop_reason, error = "finished", "epochs", ""
+    # resumed after the epoch that ended the run (killed before its summary was written): train no further
+    status, stop_reason, error = end_of_run(spec, rows[-1]) if rows else ("finished", "epochs", "")
     cum = rows[-1]["cum_seconds"] if rows else 0.0
     try:
-        for epoch in range(len(rows) + 1, spec.epochs + 1):
+        for epoch in range(len(rows) + 1, spec.epochs + 1 if stop_reason == "epochs" else 0):
             lr = opt.param_groups[0]["lr"]
             t0 = time.perf_counter()
             loss_sum, wrong, seen = train_one_epoch(net, opt, dd, aug, spec, device, order_gen, aug_gen,
@@ -277,27 +333,25 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
             train_loss, train_err, n_seen = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), \
                 totals[2].item()
             seconds = time.perf_counter() - t0
-            test_loss, test_err, test_err5 = evaluate(model, dd, aug, spec, device)
+            test_loss, test_err, test_err5 = evaluate(model, dd, aug, spec, device, shard, reduce)
             step_scheduler(sched, test_err)
             cum += seconds
             row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_error=train_err, test_loss=test_loss,
                        test_error=test_err, test_error_top5=test_err5, epoch_seconds=seconds,
                        images_per_second=n_seen / seconds, cum_seconds=cum)
             rows.append(row)
-            if not math.isfinite(train_loss):
-                status, stop_reason, error = "diverged", "diverged", f"non-finite training loss at epoch {epoch}"
+            status, stop_reason, error = end_of_run(spec, row)
+            rng = rng_state(order_gen, aug_gen)
+            rng_ranks = gather(rng) if gather is not None else []  # a collective: every rank calls it
             if writer:
                 save_checkpoint_rotating(run_dir, {
                     "run_id": spec.run_id, "model": model.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "rng": rng_state(order_gen, aug_gen), "rows": rows,
+                    "sched": sched.state_dict(), "rng": rng, "rng_ranks": rng_ranks, "rows": rows,
                     "wall": wall_before + time.perf_counter() - started})
                 atomic_write_csv(run_dir / "epochs.csv", pd.DataFrame(rows, columns=EPOCH_COLUMNS))
             if on_epoch is not None:
                 on_epoch(row)
-            if status == "diverged":
-                break
-            if spec.early_stop_metric and row[spec.early_stop_metric] < spec.early_stop_below:
-                stop_reason = "early_stop"
+            if stop_reason != "epochs":
                 break
     except (KeyboardInterrupt, SystemExit):
         raise  # the last finished epoch's checkpoint is on disk: the run resumes from it
@@ -310,10 +364,12 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
     extra["wall_seconds"] = wall_before + time.perf_counter() - started
     summary = summarise(spec, rows, status, stop_reason, error, env, extra)
     if writer:
+        atomic_write_csv(run_dir / "epochs.csv", pd.DataFrame(rows, columns=EPOCH_COLUMNS))  # killed before? rewrite
         atomic_write_bytes(run_dir / "model.pt", _state_bytes(model))
         atomic_write_json(run_dir / "summary.json", summary)
-        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
-            (run_dir / name).unlink(missing_ok=True)
+        if status != "failed":  # a failed run (e.g. a lost rank) resumes from its last epoch when rerun
+            for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+                (run_dir / name).unlink(missing_ok=True)
     return RunResult(spec.run_id, status, stop_reason, rows, summary, error)
 
 
