@@ -2,11 +2,15 @@
 
 A grid names base settings (`[run]`), Cartesian axes (`[axes]`), zipped axes whose values move together
 (`[zip.NAME]`), seeds, an optional early stop, per-budget overrides (`[budgets.cpu]`) and the claims it
-tests (`[[claims]]`). Every error names the file, the key and what was expected."""
+tests (`[[claims]]`). Every error names the file, the key and what was expected.
+
+Grid files are looked up by name in ablations/grids/, then in the folder $ABLATE_GRIDS_DIR names (grids kept
+outside the package; a shipped name wins). A name is letters, digits, '_' and '-', so it never leaves a folder."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from ablations.models import ACTIVATIONS, ARCHS, INITS, POOLINGS, TOWERS, ModelS
 from ablations.spec import AUGMENT, DATASETS, PRECISIONS, PREPROCESS, SCHEDULES, RunSpec
 
 GRIDS_DIR = Path(__file__).parent / "grids"
+GRIDS_ENV = "ABLATE_GRIDS_DIR"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelSpec) if f.name != "num_classes"}
@@ -85,8 +90,14 @@ class Grid:
                 "budgets": sorted(self.budgets)}
 
 
+def grid_dirs() -> list[Path]:
+    """The shipped grids, then $ABLATE_GRIDS_DIR."""
+    extra = os.environ.get(GRIDS_ENV)
+    return [GRIDS_DIR, *([Path(extra).expanduser()] if extra else [])]
+
+
 def grid_names() -> list[str]:
-    return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
+    return sorted({p.stem for d in grid_dirs() for p in d.glob("*.toml") if _NAME_RE.match(p.stem)})
 
 
 def grid_path(name: str) -> Path:
@@ -94,10 +105,10 @@ def grid_path(name: str) -> Path:
     if not _NAME_RE.match(name or ""):
         raise UserError(f"grid name {name!r} is not a grid name (letters, digits, '_' and '-' only); "
                         f"known grids: {', '.join(grid_names())}")
-    path = GRIDS_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise UserError(f"unknown grid {name!r}; known grids: {', '.join(grid_names())} (see `ablate list`)")
-    return path
+    for folder in grid_dirs():
+        if (folder / f"{name}.toml").is_file():
+            return folder / f"{name}.toml"
+    raise UserError(f"unknown grid {name!r}; known grids: {', '.join(grid_names())} (see `ablate list`)")
 
 
 def load_grid(name: str) -> Grid:
@@ -109,6 +120,8 @@ def parse_grid(name: str, path: Path) -> Grid:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: not valid TOML ({err}); fix the file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text (UTF-8) file; a grid is a TOML text file") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
     where = str(path)

@@ -4,6 +4,7 @@ Every UserError becomes one line on stderr and exit code 2; anything unexpected 
 exit code 1 (with the traceback only under --debug)."""
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -20,20 +21,26 @@ class _Group(click.Group):
         except UserError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {' '.join(str(err).split())}", err=True)  # one line, whatever the message holds
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
         except click.UsageError as err:  # one line, like every other error, instead of usage + hint + error
+            if isinstance(err, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                raise  # `ablate data` alone: the help, as Click shows it
             where = err.ctx.command_path if err.ctx else ctx.command_path
-            click.echo(f"error: {err.format_message()} (see `{where} --help`)", err=True)
+            click.echo(f"error: {' '.join(err.format_message().split())} (see `{where} --help`)", err=True)
             sys.exit(err.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except Exception as err:  # noqa: BLE001 - the last line of defence for users
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:  # a full disk outside the store's writes
+                click.echo(f"error: disk full ({err.filename or err.strerror}); free some space and rerun the same "
+                           f"command (finished runs are kept)", err=True)
+                sys.exit(UserError.exit_code)
             msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
             click.echo(f"error: {type(err).__name__}: {msg} (rerun with --debug for the traceback)", err=True)
             sys.exit(1)

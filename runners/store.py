@@ -14,41 +14,60 @@ import io
 import json
 import os
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import torch
 
 from ablations.errors import UserError
+from runners.faults import fault_point
 
 FINISHED = ("finished", "diverged")  # a run in one of these states is never trained again
+TMP_MARK = ".tmp"  # a write goes to .<name>.tmp<pid> first
 EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "test_error_top5",
                  "epoch_seconds", "images_per_second", "cum_seconds"]
 
 
 # ---------------------------------------------------------------- atomic writes
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("write", path)
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:  # Ctrl-C included: no temporary file is left behind
         tmp.unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
         if err.errno == errno.ENOSPC:
             raise UserError(f"disk full while writing {path}; free some space and rerun the same command "
                             f"(finished runs are kept)") from None
         if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise UserError(f"cannot write {path} ({err.strerror}); choose a writable folder with --out") from None
         raise
+
+
+def remove_stale_temps(folder: Path, names: tuple[str, ...] | None = None) -> None:
+    """Delete the temporary files that writers killed mid-write left in `folder` (of the given target names, or
+    all), when their process is gone. Call it where no other process can be writing the same targets."""
+    for tmp in Path(folder).glob(f".*{TMP_MARK}*"):
+        target, _, pid = tmp.name[1:].rpartition(TMP_MARK)
+        if pid.isdigit() and (names is None or target in names) and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -206,19 +225,20 @@ class Store:
             raise UserError(f"cannot write to the results folder {self.root} ({err.strerror}); "
                             f"choose a writable folder with --out") from None
 
-    def write_aggregates(self, grid: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def write_aggregates(self, grid: str, warn: Callable[[str], None] = _warn) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Rebuild runs.csv and epochs.csv of a grid from its run folders (under a grid lock)."""
         gdir = self.grid_dir(grid)
         with grid_lock(gdir):
+            remove_stale_temps(gdir, ("runs.csv", "epochs.csv"))
             runs, epochs = [], []
             for rdir in sorted((gdir / "runs").glob("*/")):
                 try:
                     summary = json.loads((rdir / "summary.json").read_text())
-                    ep = pd.read_csv(rdir / "epochs.csv") if summary["metrics"].get("epochs_run") else None
-                except (FileNotFoundError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+                except (FileNotFoundError, ValueError):
                     continue  # not finished (or being written): not part of the aggregate yet
                 row = summary_row(summary)
                 runs.append(row)
+                ep = run_epochs(rdir, summary, warn)
                 if ep is not None:
                     label_cols = {k: row[k] for k in ["run_id", "grid", *summary["axes"], "seed"]}
                     epochs.append(ep.assign(**label_cols)[[*label_cols, *EPOCH_COLUMNS]])
@@ -229,6 +249,37 @@ class Store:
                 atomic_write_csv(gdir / "runs.csv", runs_df)
                 atomic_write_csv(gdir / "epochs.csv", epochs_df)
             return runs_df, epochs_df
+
+
+def run_epochs(rdir: Path, summary: dict, warn: Callable[[str], None] = _warn) -> pd.DataFrame | None:
+    """A run's epochs.csv, checked against its summary.json, which is the record: the epoch rows of a finished or
+    diverged run (never trained again) are rewritten from the summary when the file is damaged or missing. A
+    damaged file whose summary holds no rows (written before summaries kept them) is left out, with a warning."""
+    path, rows = rdir / "epochs.csv", summary.get("epochs")
+    if rows and summary["status"] in FINISHED:
+        text = pd.DataFrame(rows, columns=EPOCH_COLUMNS).to_csv(index=False)
+        try:
+            intact = path.read_text() == text
+        except (OSError, UnicodeDecodeError):
+            intact = False
+        if not intact:
+            atomic_write_text(path, text)
+            warn(f"{path} was damaged or missing; rewrote it from {path.parent.name}/summary.json")
+        return pd.read_csv(io.StringIO(text))
+    n = summary["metrics"].get("epochs_run") or 0
+    if not n:
+        return None
+    try:
+        text = path.read_text()
+        ep = pd.read_csv(io.StringIO(text))
+        intact = text.endswith("\n") and set(EPOCH_COLUMNS) <= set(ep.columns) and list(ep.epoch) == [*range(1, n + 1)]
+    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        intact = False
+    if not intact:
+        warn(f"{path} is damaged and its summary.json holds no epoch rows: the run keeps its runs.csv row but has no "
+             f"epoch rows; delete {path.parent} and rerun to train it again")
+        return None
+    return ep
 
 
 def summary_row(summary: dict) -> dict:

@@ -138,7 +138,8 @@ def train_one_epoch(model, opt, dd: DeviceData, aug: BatchAugmenter, spec: RunSp
         if n_global < world:
             break  # some rank would get an empty batch
         idx = idx.tensor_split(world)[rank]
-        x = aug(dd.train_x[idx], aug_gen).contiguous(memory_format=fmt)  # (B, 3, 32, 32) float
+        # index_select, not x[idx]: the same rows, ~9x faster on the CPU for uint8 images (runners/bench.py)
+        x = aug(dd.train_x.index_select(0, idx), aug_gen).contiguous(memory_format=fmt)  # (B, 3, 32, 32) float
         y = dd.train_y[idx]
         with autocast(device, spec.precision):
             logits = model(x)
