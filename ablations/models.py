@@ -82,11 +82,40 @@ RNORM_SIZE, RNORM_SCALE, RNORM_POW = 3, 5e-5, 0.75
 # Normalisation layers
 
 
+AMP_DEVICES = ("cpu", "cuda")  # where LocalResponseNorm and Conv2d take their faster paths (autocast exists there)
+
+
+class LocalResponseNorm(nn.LocalResponseNorm):
+    """nn.LocalResponseNorm (same constants, same maths) with the channel-window sum done as one matmul.
+
+    out = x / (k + alpha/n * sum_{window} x^2)^beta, the window being channels c - n//2 .. c + (n-1)//2 as in
+    F.local_response_norm. F.local_response_norm sums through avg_pool3d, which on this CPU makes an alexnet
+    training step with LRN ~5x slower than without; the sum as x^2 @ band (a 0/1 C x C band matrix) makes the
+    layer ~3x faster forward and backward (runners/bench.py). Under bf16 autocast the matmul runs in bf16 and
+    the rest in fp32, so the output is fp32 as F.local_response_norm's is there. Only training takes this path:
+    without gradients (evaluation, FLOP counts) it is F.local_response_norm itself, so the band matmul, which is
+    no FLOP of the model, never shows up in a FLOP count."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        if x.device.type not in AMP_DEVICES or not torch.is_grad_enabled():
+            return super().forward(x)
+        c = x.shape[1]
+        i = torch.arange(c, device=x.device)
+        offset = i[None, :] - i[:, None]  # offset[j, c] = c - j
+        band = ((offset >= -((self.size - 1) // 2)) & (offset <= self.size // 2)).to(x.dtype)  # (C, C)
+        sq = x * x  # (B, C, H, W)
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            window = (sq.permute(0, 2, 3, 1) @ band).permute(0, 3, 1, 2)  # channels innermost: (B, H, W, C) @ (C, C)
+        else:
+            window = (band.T @ sq.flatten(2)).view_as(x)  # (C, C) @ (B, C, H*W)
+        return x * (window.float() * (self.alpha / self.size) + self.k).pow(-self.beta)
+
+
 def paper_lrn() -> nn.LocalResponseNorm:
     """Paper §3.3: b = a / (k + alpha * sum_{n=5 adjacent channels} a^2)^beta, k=2, alpha=1e-4, beta=0.75.
 
     PyTorch divides alpha by the window size n, so the paper's 1e-4 is alpha=5e-4 here."""
-    return nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    return LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
 
 
 def lrn_per_column(x: torch.Tensor, lrn: nn.Module, columns: int) -> torch.Tensor:
@@ -138,6 +167,50 @@ class SameMapRNorm(nn.Module):
         return f"size={self.size}, scale={self.scale}, pow={self.pow}"
 
 
+class _ConvBiasGradApart(torch.autograd.Function):
+    """conv2d whose backward computes the bias gradient as a plain sum instead of inside the conv's kernel.
+
+    Forward is F.conv2d itself; backward asks aten.convolution_backward (what autograd calls for conv2d) for the
+    input and weight gradients only. Why: asked for the bias gradient as well, oneDNN's bf16 backward-weights
+    pass leaves its AMX kernel for a generic GEMM one on small-channel layers (alexnet conv1 3->64: 70 -> 9 ms,
+    conv2 64->192: 126 -> 54 ms per batch of 128, one thread, this CPU). Adding the bias outside the conv
+    instead would cost more than it saves: a broadcast add over a channels_last map with few channels runs
+    ~20x slower than a copy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # (B, C_out, H', W')
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (B, C_out, H', W')
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = None
+        if need_x or need_w:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False])
+        grad_b = grad.sum((0, 2, 3)) if need_b else None  # (C_out,)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, state_dict and forward maths) with the bias gradient computed apart from the
+    weight gradient; see _ConvBiasGradApart for why."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        device = x.device.type
+        if bias is None or self.padding_mode != "zeros" or not torch.is_grad_enabled() or device not in AMP_DEVICES:
+            return super()._conv_forward(x, weight, bias)  # nothing to gain (or no autocast, e.g. on "meta")
+        if torch.is_autocast_enabled(device):  # cast as autocast would for conv2d, outside the Function
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return _ConvBiasGradApart.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The networks
 
@@ -183,7 +256,7 @@ def _alexnet(spec: ModelSpec) -> Net:
     layers: list[tuple[str, nn.Module]] = []
     c_in = IMAGE_SHAPE[0]
     for i, (c, pad, g) in enumerate(zip(alexnet_channels(spec), ALEXNET_PADDING, groups), start=1):
-        layers += [(f"conv{i}", nn.Conv2d(c_in, c, 3, padding=pad, groups=g)), (f"act{i}", act())]
+        layers += [(f"conv{i}", Conv2d(c_in, c, 3, padding=pad, groups=g)), (f"act{i}", act())]
         if spec.lrn and i in (1, 2):  # paper §3.3: after the ReLU, before the pooling
             layers.append((f"lrn{i}", lrn()))
         if i in (1, 2, 5):
@@ -216,11 +289,11 @@ def _convnet4(spec: ModelSpec) -> Net:
         return [(f"rnorm{i}", SameMapRNorm())] if spec.lrn else []
 
     features = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(IMAGE_SHAPE[0], c1, 5, padding=2)),
+        ("conv1", Conv2d(IMAGE_SHAPE[0], c1, 5, padding=2)),
         ("pool1", nn.MaxPool2d(3, 2, ceil_mode=True)), ("act1", act()), *rnorm(1),
-        ("conv2", nn.Conv2d(c1, c2, 5, padding=2)), ("act2", act()),
+        ("conv2", Conv2d(c1, c2, 5, padding=2)), ("act2", act()),
         ("pool2", nn.AvgPool2d(3, 2, ceil_mode=True)), *rnorm(2),
-        ("conv3", nn.Conv2d(c2, c3, 5, padding=2)), ("act3", act()),
+        ("conv3", Conv2d(c2, c3, 5, padding=2)), ("act3", act()),
         ("pool3", nn.AvgPool2d(3, 2, ceil_mode=True)),
     ]))
     classifier = nn.Sequential(OrderedDict([("fc", nn.Linear(_flat_size(features), spec.num_classes))]))
