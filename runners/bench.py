@@ -845,8 +845,10 @@ GATE_GEMM = 1024
 # bf16 cases, but on this shared CPU it jumps between ~0.4 and ~1.1 TFLOP/s from one run to the next while the
 # steps do not, and bf16 cases normalised by it read ~45 % higher on a quiet machine than on a busy one; by the
 # fp32 GEMM, quiet and busy medians agree within ~15 %. Measured spread (22 gate runs over quiet and busy hours):
-# the worst case sat 27 % below its median; injected regressions drop ~50 % (the bf16 case run in fp32) and
-# ~75 % (a 0.2 s stall per batch). 35 % lies between. Each baseline keeps its rounds as evidence.
+# the worst case sat 27 % below its median, and 8 runs against the committed baseline stayed within -18 %;
+# injected regressions drop ~50 % (the bf16 case run in fp32) and ~75 % (a 0.2 s stall per batch). 35 % lies
+# between. A rarer burst of a neighbour's memory traffic, which the GEMM does not feel, once read -37 %: hence
+# one re-measurement before failing (compare_to_baseline). Each baseline keeps its rounds as evidence.
 GATE_TOLERANCE = 0.35
 GATE_UNIT = "images/s per TFLOP/s of the same run's fp32 GEMM rate"
 
@@ -920,13 +922,30 @@ def gate_cases_for(names: Iterable[str]) -> list[GateCase]:
     return [known[n] for n in names]
 
 
-def compare_to_baseline(path: Path, tolerance: float | None = None, repeats: int = 7) -> tuple[Verdict, dict]:
-    """Measure the baseline's cases now, under its thread count, and apply the verdict rule."""
+def best_of(*measured: dict[str, float]) -> dict[str, float]:
+    """Per case, the highest normalised throughput over several measurements."""
+    return {k: max(m.get(k, float("-inf")) for m in measured) for k in set().union(*measured)}
+
+
+def compare_to_baseline(path: Path, tolerance: float | None = None, repeats: int = 7,
+                        first: GateMeasurement | None = None) -> tuple[Verdict, dict]:
+    """Measure the baseline's cases now (or take `first`), under its thread count, and apply the verdict rule.
+
+    A failing verdict is measured once more and each case keeps its better reading: a regression shows in both
+    measurements, while a burst of memory traffic from a neighbour (which the GEMM yardstick does not feel,
+    measured: all cases -20 to -37 % for a few seconds) rarely lasts through two."""
     base = load_baseline(path)
-    m = measure_gate(gate_cases_for(base["cases"]), repeats=repeats, device=base.get("device", "cpu"),
-                     threads=int(base.get("threads", GATE_THREADS)))
     tol = float(base.get("tolerance", GATE_TOLERANCE)) if tolerance is None else tolerance
-    return verdict(m.normalised, base["cases"], tol), base
+
+    def measure() -> dict[str, float]:
+        return measure_gate(gate_cases_for(base["cases"]), repeats=repeats, device=base.get("device", "cpu"),
+                            threads=int(base.get("threads", GATE_THREADS))).normalised
+
+    current = first.normalised if first is not None else measure()
+    v = verdict(current, base["cases"], tol)
+    if not v.ok:
+        v = verdict(best_of(current, measure()), base["cases"], tol)
+    return v, base
 
 
 def update_baseline(path: Path, rounds: int = 5, repeats: int = 7, device: str = "cpu") -> dict:

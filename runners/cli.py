@@ -344,10 +344,11 @@ def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int) 
 @click.option("--batch-size", default=128, show_default=True, type=int, help="Training batch (reference too).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, or cuda[:N].")
 @click.option("--repeats", default=None, type=int, help="Interleaved rounds (default 5; 3 with --quick).")
-@click.option("--quick", is_flag=True, help="A sub-minute subset: no fp32 rows, switches, eval or compile.")
+@click.option("--quick", is_flag=True,
+              help="A sub-minute subset: the suite at 1 thread only; no fp32, switch, eval or compile rows.")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Time torch.compile rows (default: on, off with --quick).")
-@click.option("--threads", type=int, help="torch.set_num_threads for the bench (default: torch's).")
+@click.option("--threads", type=int, help="The many-threads count timed beside 1 thread (default: torch's).")
 @click.option("--out", default="results/bench", show_default=True, type=click.Path(file_okay=False),
               help="Folder for <device>-<date>.csv, <device>-latest.csv and the baseline.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data cache folder.")
