@@ -335,13 +335,9 @@ def reference_workload(root: Path, batch_size: int, device: torch.device, min_se
 
 
 @dataclass(frozen=True)
-class DeviceSet:
-    """The bench's data on the device: uint8 images, labels and the input statistics of the training set."""
+class DeviceSet(DeviceData):
+    """The training loop's DeviceData plus the training set's input statistics, computed once for every workload."""
 
-    train_x: torch.Tensor  # (N, 3, 32, 32) uint8
-    train_y: torch.Tensor  # (N,)
-    test_x: torch.Tensor  # (M, 3, 32, 32) uint8
-    test_y: torch.Tensor  # (M,)
     stats: InputStats
 
     @staticmethod
