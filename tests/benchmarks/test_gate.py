@@ -7,17 +7,21 @@ measurement and in one more taken on failure, fails (as `ablate bench --compare`
 Refresh the baseline after an intended change with `ablate bench --update-baseline`.
 
 The same run also times two deliberately slowed copies of a case, to show on measured numbers that the rule
-trips: a 0.2 s stall before every batch, and the bf16 case run in fp32 (autocast lost)."""
+trips: a 0.2 s stall before every batch, and a bf16 case run in fp32 (autocast and channels_last lost). The fp32
+injection hits convnet4, where bf16 is worth ~57 % of the normalised rate on a quiet machine; on the AlexNet
+w0.25 case it is worth only ~34-39 %, too close to the 35 % tolerance to trip reliably (a quiet CI run missed it)."""
 import dataclasses
 
 import pytest
 
 from runners.bench import GATE_CASES, compare_to_baseline, default_baseline, load_baseline, measure_gate, verdict
 
-VICTIM = GATE_CASES[0]  # alexnet-w0.25-bf16
+CASES = {c.name: c for c in GATE_CASES}
+VICTIMS = {"stall": CASES["alexnet-w0.25-bf16"], "fp32": CASES["convnet4-bf16"]}
 INJECTED = {
-    "stall": dataclasses.replace(VICTIM, name=f"{VICTIM.name} +0.2 s stall per batch", sleep_per_batch=0.2),
-    "fp32": dataclasses.replace(VICTIM, name=f"{VICTIM.name} run in fp32", precision="fp32"),
+    "stall": dataclasses.replace(VICTIMS["stall"], name="alexnet-w0.25-bf16 +0.2 s stall per batch",
+                                 sleep_per_batch=0.2),
+    "fp32": dataclasses.replace(VICTIMS["fp32"], name="convnet4-bf16 run in fp32", precision="fp32"),
 }
 
 
@@ -38,10 +42,11 @@ def test_no_regression_against_the_committed_baseline(measured):
 
 @pytest.mark.parametrize("kind", INJECTED)
 def test_gate_trips_on_an_injected_slowdown(measured, baseline, kind):
+    victim = VICTIMS[kind].name
     slowed = measured.normalised[INJECTED[kind].name]
     # the verdict rule on the slowed case against the unslowed one, both timed in this run: always comparable
-    same_run = verdict({VICTIM.name: slowed}, {VICTIM.name: measured.normalised[VICTIM.name]}, baseline["tolerance"])
+    same_run = verdict({victim: slowed}, {victim: measured.normalised[victim]}, baseline["tolerance"])
     assert not same_run.ok, "\n".join(same_run.lines())
     # and as `ablate bench --compare` sees it, against the committed baseline
-    v = verdict({**measured.normalised, VICTIM.name: slowed}, baseline["cases"], baseline["tolerance"])
-    assert VICTIM.name in [c.case for c in v.cases if not c.ok], "\n".join(v.lines())
+    v = verdict({**measured.normalised, victim: slowed}, baseline["cases"], baseline["tolerance"])
+    assert victim in [c.case for c in v.cases if not c.ok], "\n".join(v.lines())
