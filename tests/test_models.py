@@ -1,5 +1,7 @@
 """The model family: every switch builds and trains a step, shapes and parameter counts follow the layouts, the
 normalisation layers match their formulas written out as loops, the paper's init is what the paper says."""
+import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -10,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ablations.errors import UserError
 from ablations.models import (
-    ACTIVATIONS, INITS, PAPER_INIT, POOLINGS, ModelSpec, SameMapRNorm, build_model, count_params, describe_model,
+    ACTIVATIONS, INITS, PAPER_INIT, POOL_FIRST, POOLINGS, ModelSpec, SameMapRNorm, build_model, count_params, describe_model,
     lrn_per_column, paper_lrn, train_flops_per_image,
 )
 from runners.cli import main
@@ -317,3 +319,35 @@ def test_cli_model_prints_lrn_constants_and_params():
 def test_cli_model_bad_switch_is_one_line_error():
     result = CliRunner().invoke(main, ["model", "convnet4", "--towers", "2"])
     assert result.exit_code == 2 and "error:" in result.output and "towers" in result.output
+
+
+@pytest.mark.parametrize("activation", sorted(POOL_FIRST))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pooling_before_a_piecewise_linear_activation_is_the_same_maths(activation, precision):
+    """alexnet pools before relu/leaky_relu for speed: outputs and gradients equal the paper's order bit for bit."""
+    from collections import OrderedDict
+
+    spec = ModelSpec(width=0.25, activation=activation, pooling="overlap")
+    torch.manual_seed(0)
+    fast = build_model(spec)
+    names = list(fast.features._modules)
+    assert names.index("pool1") < names.index("act1") and names.index("pool5") < names.index("act5")
+    paper = copy.deepcopy(fast)
+    order = [n for n in names if not n.startswith("pool")]
+    for i in (1, 2, 5):
+        order.insert(order.index(f"act{i}") + 1, f"pool{i}")
+    paper.features = torch.nn.Sequential(OrderedDict((n, paper.features._modules[n]) for n in order))
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for net in (fast, paper):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = net(x)
+        out.float().square().sum().backward()
+        grads.append((out, [p.grad for p in net.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+    lrn = [n for n in build_model(dataclasses.replace(spec, lrn=True)).features._modules]
+    assert lrn.index("act1") < lrn.index("lrn1") < lrn.index("pool1")  # LRN between: the paper's order stays
+    for other in ("tanh", "leaky_relu", "gelu"):
+        names = [n for n in build_model(dataclasses.replace(spec, activation=other)).features._modules]
+        assert names.index("act1") < names.index("pool1")
