@@ -5,6 +5,7 @@ exit code 1 (with the traceback only under --debug)."""
 from __future__ import annotations
 
 import errno
+import os
 import sys
 
 import click
@@ -224,10 +225,14 @@ def show_cmd(grid: str, budget: str, seeds: str | None, device: str, probe: bool
               show_envvar=True, help="This node's rank; node 0 trains the grid and writes the results.")
 @click.option("--rdzv", default="", envvar="ABLATE_RDZV", show_envvar=True,
               help="HOST:PORT on node 0 where the nodes of a DDP run meet (needed with --nnodes > 1).")
+@click.option("--checkpoint-every", type=click.FloatRange(min=0), envvar="ABLATE_CHECKPOINT_SECONDS",
+              show_envvar=True, metavar="SECONDS",
+              help="Checkpoint after the first epoch that ends this long after the last checkpoint; 0: after "
+                   "every epoch.  [default: 30]")
 @click.pass_context
 def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results: str, data_dir: str | None,
             dry_run: bool, plain: bool, no_wait: bool, jobs: int, executor: str, address: str | None, nnodes: int,
-            node_rank: int, rdzv: str, **kw) -> None:
+            node_rank: int, rdzv: str, checkpoint_every: float | None, **kw) -> None:
     """Train every pending run of a grid; finished runs are skipped, interrupted ones resumed.
 
     Exit codes: 0 all runs done (finished or diverged), 2 bad input, 3 some runs failed,
@@ -240,6 +245,11 @@ def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results
 
     overrides = _overrides(**kw)
     seed_list = _parse_seeds(seeds)
+    if checkpoint_every is not None and not checkpoint_every < float("inf"):  # FloatRange lets nan, inf through
+        raise UserError(f"--checkpoint-every (or ABLATE_CHECKPOINT_SECONDS) must be a number of seconds >= 0, got "
+                        f"{checkpoint_every}")
+    if checkpoint_every is not None:  # in the environment, so every worker process (--jobs, DDP, Ray) sees it
+        os.environ["ABLATE_CHECKPOINT_SECONDS"] = repr(checkpoint_every)
     if dry_run:
         g, specs = plan(grid, budget, overrides, seed_list)
         store = Store(Path(results))
@@ -260,7 +270,6 @@ def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results
     reporter = None
     try:
         if nnodes > 1:
-            import os
 
             from runners.ddp import Nodes, follow_grid
             nodes = Nodes(nnodes, node_rank, rdzv)

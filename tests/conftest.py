@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny generated CIFAR-10, imported through the official pickle format into a data cache."""
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,9 @@ import torch
 from tests.cifar_fixtures import generate, write_official
 
 torch.set_num_threads(1)  # tests are tiny: one thread is faster and deterministic on a shared 2-core machine
+# A checkpoint after every epoch, as the kill and resume tests expect (the default waits 30 s between them);
+# subprocesses inherit it. tests/test_run.py checks the default's sparser checkpoints.
+os.environ["ABLATE_CHECKPOINT_SECONDS"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """`ablate run` end to end on generated data: CSVs with the documented columns, re-runs that train nothing,
 kill -9 and resume ending bit-for-bit where an uninterrupted run ends, two processes sharing one grid."""
+import json
 import os
 import signal
 import subprocess
@@ -115,3 +116,88 @@ def test_two_processes_share_a_grid_and_train_each_run_once(tmp_path, data_dir):
     assert len(runs) == 4 and runs.run_id.is_unique and set(runs.status) == {"finished"}
     epochs = pd.read_csv(tmp_path / "smoke" / "epochs.csv")
     assert len(epochs) == 8 and not epochs.isna().any().any()
+
+
+class _Clock:
+    """A stand-in for runners.train's `time`: every perf_counter() call advances it by `step` seconds, so the
+    checkpoint cadence is the same on any machine."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def perf_counter(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def _small_spec(epochs: int = 5):
+    from ablations.models import ModelSpec
+    from ablations.spec import RunSpec
+    return RunSpec(model=ModelSpec(width=0.125), epochs=epochs, batch_size=64, subset=128, test_subset=64,
+                   lr=0.02, precision="fp32", grid="ckpt")
+
+
+def _train_recording(spec, data, run_dir, stop_at: int = 0):
+    """train_run, noting after each epoch which epoch the checkpoint on disk holds (0: none); stop_at > 0 raises
+    KeyboardInterrupt (Ctrl-C) after that epoch."""
+    from runners.store import load_checkpoint
+    from runners.train import train_run
+    held: list[int] = []
+
+    def on_epoch(row):
+        state = load_checkpoint(run_dir / "checkpoint.pt")
+        held.append(len(state["rows"]) if state else 0)
+        if row["epoch"] == stop_at:
+            raise KeyboardInterrupt
+
+    try:
+        train_run(spec, data, run_dir, "cpu", on_epoch=on_epoch)
+    except KeyboardInterrupt:
+        pass
+    return held
+
+
+def test_checkpoints_wait_for_the_interval_and_a_sparse_one_still_resumes_bit_for_bit(tmp_path, data_dir,
+                                                                                     monkeypatch):
+    import runners.train as train
+    from runners.data import load_dataset
+    from runners.store import load_checkpoint
+
+    data, spec = load_dataset("cifar10", data_dir), _small_spec()
+    monkeypatch.setenv("ABLATE_CHECKPOINT_SECONDS", "0")
+    assert _train_recording(spec, data, tmp_path / "every") == [1, 2, 3, 4, 5]
+    ref = torch.load(tmp_path / "every" / "model.pt", weights_only=True)
+
+    monkeypatch.setenv("ABLATE_CHECKPOINT_SECONDS", "1e9")
+    assert _train_recording(spec, data, tmp_path / "never") == [0, 0, 0, 0, 0]
+    assert not list((tmp_path / "never").glob("checkpoint*"))
+
+    # the loop reads the clock 3 times per epoch (start, end, checkpoint check): 3 s per epoch on this clock,
+    # so a 5 s interval checkpoints after epochs 2 and 4
+    monkeypatch.setattr(train, "time", _Clock(1.0))
+    monkeypatch.setenv("ABLATE_CHECKPOINT_SECONDS", "5")
+    assert _train_recording(spec, data, tmp_path / "sparse", stop_at=3) == [0, 2, 2]
+    # Ctrl-C after epoch 3 writes epoch 3's state, kept in memory since no checkpoint followed it
+    assert len(load_checkpoint(tmp_path / "sparse" / "checkpoint.pt")["rows"]) == 3
+    (tmp_path / "sparse" / "checkpoint.pt").unlink()  # as if killed -9 instead: back to epoch 2's checkpoint
+    # resumes from checkpoint.prev.pt (epoch 2), retrains epoch 3 and checkpoints again after epoch 4
+    assert _train_recording(spec, data, tmp_path / "sparse") == [0, 4, 4]
+    summary = json.loads((tmp_path / "sparse" / "summary.json").read_text())
+    assert [r["epoch"] for r in summary["epochs"]] == [1, 2, 3, 4, 5]
+    got = torch.load(tmp_path / "sparse" / "model.pt", weights_only=True)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_checkpoint_interval_default_and_bad_values(tmp_path, data_dir, monkeypatch):
+    from runners.train import CHECKPOINT_SECONDS, checkpoint_seconds
+    monkeypatch.delenv("ABLATE_CHECKPOINT_SECONDS")
+    assert checkpoint_seconds() == CHECKPOINT_SECONDS == 30.0
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("ABLATE_CHECKPOINT_SECONDS", bad)
+        result = CliRunner().invoke(main, _args(tmp_path, data_dir, "--seeds", "1"))
+        assert result.exit_code == 2, (bad, result.output)
+        assert "ABLATE_CHECKPOINT_SECONDS" in result.output or "--checkpoint-every" in result.output
+        assert not (tmp_path / "smoke" / "runs").exists() or not list((tmp_path / "smoke" / "runs").glob("*/*"))
+    monkeypatch.setenv("ABLATE_CHECKPOINT_SECONDS", "0")
+    result = CliRunner().invoke(main, _args(tmp_path, data_dir, "--checkpoint-every", "-2"))
+    assert result.exit_code == 2 and "--checkpoint-every" in result.output

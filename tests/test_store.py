@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 
@@ -91,3 +92,13 @@ def test_unwritable_results_folder_is_a_user_error(tmp_path):
             Store(target).check_writable()
     finally:
         (tmp_path / "ro").chmod(0o700)
+
+
+def test_rows_csv_writes_what_pandas_writes():
+    """epochs.csv is written with the csv module; readers (and old files) expect pandas' to_csv text."""
+    from runners.store import EPOCH_COLUMNS, rows_csv
+    rows = [dict(epoch=i, lr=0.01 * 0.1 ** i, train_loss=float("nan") if i == 2 else 2.3 / i, train_error=1 / 3,
+                 test_loss=float("inf"), test_error=0.0, test_error_top5=1e-12, epoch_seconds=12.0,
+                 images_per_second=1.5e12, cum_seconds=7.0 * i) for i in (1, 2, 3)]
+    assert rows_csv(rows, EPOCH_COLUMNS) == pd.DataFrame(rows, columns=EPOCH_COLUMNS).to_csv(index=False)
+    assert rows_csv([], EPOCH_COLUMNS) == pd.DataFrame([], columns=EPOCH_COLUMNS).to_csv(index=False)
