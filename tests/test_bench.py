@@ -138,6 +138,23 @@ def test_summarise_ratios_ceilings_and_columns():
     assert rows.loc["g16", "data"] == "synthetic data"
 
 
+def test_a_ceiling_is_the_best_timing_at_the_rows_threads_or_fewer():
+    """Neighbours only ever slow a GEMM, and 2 threads can do what 1 does: a flaky 2-thread GEMM whose median sits
+    below the 1-thread one must not flatter a 2-thread row's efficiency."""
+    def w(name, section, items, threads, flops=0.0):
+        return Workload(name, section, lambda: None, items, threads, precision="bf16", flops_per_item=flops,
+                        unit="FLOP/s" if section == "ceiling" else "images/s")
+
+    loads = [w("g1", "ceiling", 1e12, 1), w("g2", "ceiling", 1e12, 2),
+             w("m1", "alexnet", 100.0, 1, 1e9), w("m2", "alexnet", 100.0, 2, 1e9)]
+    times = {"g1": [1.0, 1.0, 1.0], "g2": [2.0, 2.0, 0.8], "m1": [1.0] * 3, "m2": [0.5] * 3}
+    rows = bench.summarise(loads, times, {}).set_index("name")
+    assert rows.loc["m1", "ceiling_flops"] == pytest.approx(1e12), "1-thread rows never use the 2-thread GEMM"
+    assert rows.loc["m2", "ceiling_flops"] == pytest.approx(1.25e12), "the best 2-thread timing, not its median 0.5"
+    times["g2"] = [2.0, 2.0, 2.0]  # 2 threads never beat 1: the 1-thread rate is still attainable
+    assert bench.summarise(loads, times, {}).set_index("name").loc["m2", "ceiling_flops"] == pytest.approx(1e12)
+
+
 def test_check_targets_reads_the_rows():
     targets = {t.key: t for t in bench.check_targets(_fake_rows())}
     assert targets["a"].value == pytest.approx(3.0) and targets["a"].met, "main rows only, not the switch rows"
