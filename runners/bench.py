@@ -46,8 +46,8 @@ from ablations.models import ModelSpec, build_model, train_flops_per_image
 from ablations.spec import RunSpec
 from runners.augment import AUGMENT_LEVELS, BatchAugmenter, InputStats, compute_input_stats
 from runners.data import CifarData, load_dataset, make_synthetic
-from runners.train import EVAL_BATCH, DeviceData, autocast, evaluate, make_optimizer, pick_device, select_data, \
-    train_one_epoch, train_run
+from runners.train import EVAL_BATCH, DeviceData, autocast, evaluate, keep_freed_memory, make_optimizer, \
+    pick_device, select_data, train_one_epoch, train_run
 
 # The suite's closest match to the seed chapter's net: the same convs and FCs, 2x2 pools, dropout 0.6. Only the
 # last pool differs (the seed's is 3x3 stride 2): on the 9x9 conv5 map both give 4x4, so the FLOPs are equal.
@@ -455,6 +455,7 @@ def smoke_spec() -> RunSpec:
     return dataclasses.replace(spec, early_stop_metric="", early_stop_below=0.0)
 
 
+LOOP_RUNS_PER_CALL = 4
 LOOP_RUN, LOOP_BARE, LOOP_BARE_EVAL = "train_run (whole run loop)", "bare train steps", "bare script: setup + steps + eval"
 
 
@@ -462,7 +463,8 @@ def loop_workloads(spec: RunSpec, data: CifarData, device: torch.device, tmp: Pa
     """train_run (its setup, steps, metrics, evaluation, checkpoints, CSVs, summary) against a bare script of the
     same run, which any trainer needs: select the data, its input statistics, build the model and optimiser,
     take the same steps, run the same evaluation forwards, and nothing else. Also the bare steps alone, on a
-    model built once (the strictest baseline). Each train_run starts in a fresh folder."""
+    model built once (the strictest baseline). Each train_run starts in a fresh folder. A call is
+    LOOP_RUNS_PER_CALL runs: one ~0.2 s run is too short to time steadily on a shared machine."""
     counter = itertools.count()
     dirs: list[Path] = []
 
@@ -508,20 +510,23 @@ def loop_workloads(spec: RunSpec, data: CifarData, device: torch.device, tmp: Pa
     built = setup()
 
     def bare_steps() -> None:
-        steps(*built)
+        for _ in range(LOOP_RUNS_PER_CALL):
+            steps(*built)
 
     def bare_script() -> None:
-        dd, aug, model, opt = setup()
-        steps(dd, aug, model, opt)
-        eval_forwards(dd, aug, model)
+        for _ in range(LOOP_RUNS_PER_CALL):
+            dd, aug, model, opt = setup()
+            steps(dd, aug, model, opt)
+            eval_forwards(dd, aug, model)
 
     def full() -> None:
-        train_run(spec, data, dirs[-1], device)
+        for i in range(LOOP_RUNS_PER_CALL):
+            train_run(spec, data, dirs[-1] / f"run{i}", device)
 
     with using_threads(threads):  # warm-up: the first run pays one-off costs (imports, FLOP count, allocator)
         timed(full, device, before, after)
         bare_script()
-    items, label = spec.epochs * len(built[0].train_y), _label(spec.model)
+    items, label = LOOP_RUNS_PER_CALL * spec.epochs * len(built[0].train_y), _label(spec.model)
     note = f"smoke spec: {len(built[0].train_y)} images x {spec.epochs} epochs, batch {spec.batch_size}, " \
            f"{spec.precision}"
     return [Workload(LOOP_RUN, "loop", full, items, threads, model=label, precision=spec.precision, before=before,
@@ -759,6 +764,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> BenchResu
         raise UserError(f"--repeats, --batch-size and --threads must be >= 1, got {cfg.repeats}, {cfg.batch_size} "
                         f"and {cfg.threads}")
     device = pick_device(cfg.device)
+    keep_freed_memory()  # as train_run does, for every workload alike (the reference's included)
     data, label, real = bench_data(cfg.data_dir)
     say(f"data: {label}" + ("" if real else " (no cached cifar10: run `ablate data import cifar10 SOURCE`)"))
     dset = DeviceSet.of(data, device)
