@@ -672,7 +672,8 @@ def summarise(loads: list[Workload], times: dict[str, list[float]], context: dic
     timing, and two threads can do at least what one does. (On this CPU the 2-thread bf16 GEMM median is below
     the 1-thread one and its best timing ~2x it: a median ceiling put 2-thread AlexNet at 91% "efficiency".)
     vs_reference divides by the faster reference row (the reference at its best). A pipeline row's base is the
-    fastest training row (the hungriest consumer), so its vs_base is the pipeline's headroom."""
+    fastest training row at its thread count (the hungriest consumer: in training, the input pipeline runs on
+    the same threads as the step), so its vs_base is the pipeline's headroom."""
     rates = {w.name: [w.items / t for t in times[w.name]] for w in loads}
     med = {name: median(r) for name, r in rates.items()}
     gemms = [w for w in loads if w.section == "ceiling"]
@@ -681,11 +682,15 @@ def summarise(loads: list[Workload], times: dict[str, list[float]], context: dic
                 for w in gemms}
     reference = max([med[w.name] for w in loads if w.section == "reference"], default=float("nan"))
     trains = [w for w in loads if w.section in ("alexnet", "convnet4")]
-    consumer = max(trains, key=lambda w: med[w.name]).name if trains else ""
+
+    def consumer(threads: int) -> str:  # the fastest training row on as many threads as the pipeline row had
+        same = [w for w in trains if w.threads == threads]
+        return max(same, key=lambda w: med[w.name]).name if same else ""
+
     rows = []
     for w in loads:
         rate = med[w.name]
-        base = consumer if w.section == "pipeline" else w.base
+        base = consumer(w.threads) if w.section == "pipeline" else w.base
         counted = w.section in (*TRAIN_SECTIONS, "eval")
         ceiling = ceilings.get((w.precision, w.threads), float("nan")) if counted else float("nan")
         rows.append(dict(
