@@ -365,9 +365,11 @@ def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int) 
               help="Only run the regression gate against this baseline JSON; exit 3 on a regression.")
 @click.option("--tolerance", type=float, help="Gate tolerance (default: the baseline's).")
 @click.option("--update-baseline", is_flag=True, help="Re-measure the gate and write <out>/baseline-cpu.json.")
+@click.option("--show", "saved", type=click.Path(dir_okay=False),
+              help="Measure nothing: print the table and targets of a saved bench CSV.")
 def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, quick: bool, compile_: bool | None,
               threads: int | None, out: str, data_dir: str | None, baseline: str | None, tolerance: float | None,
-              update_baseline: bool) -> None:
+              update_baseline: bool, saved: str | None) -> None:
     """Training throughput of the seed chapter's reference and the suite side by side, the data pipeline, the
     run loop's overhead and the machine's GEMM ceilings, measured interleaved in one process.
 
@@ -386,6 +388,11 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
             click.echo(f"{name:<26} {c['normalised']:9.2f} {bench.GATE_UNIT.split(' (')[0]}  "
                        f"(rounds {', '.join(f'{v:.2f}' for v in c['rounds'])})")
         click.echo(f"baseline written to {path}")
+        return
+    if saved:
+        result = bench.read_results(Path(saved))
+        Console().print(bench.bench_table(result))
+        click.echo("\n".join(bench.target_lines(bench.check_targets(result.rows))))
         return
     if baseline:
         result, _ = bench.compare_to_baseline(Path(baseline), tolerance)

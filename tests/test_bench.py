@@ -249,3 +249,31 @@ def test_baseline_errors_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match="unknown gate case"):
         bench.gate_cases_for(["alexnet-w0.25-bf16", "nope"])
     assert len({c.name for c in bench.GATE_CASES}) == len(bench.GATE_CASES)
+
+
+def test_loop_overhead_compares_the_fastest_calls():
+    """Target d from each loop row's fastest call: a disturbed median must not hide (or invent) overhead."""
+    def w(name, base=""):
+        return Workload(name, "loop", lambda: None, 100.0, 1, base=base)
+
+    loads = [w(bench.LOOP_RUN, bench.LOOP_BARE_EVAL), w(bench.LOOP_BARE), w(bench.LOOP_BARE_EVAL)]
+    times = {bench.LOOP_RUN: [2.0, 1.1, 2.0], bench.LOOP_BARE: [0.8, 0.8, 0.8], bench.LOOP_BARE_EVAL: [1.0, 3.0, 3.0]}
+    [d] = [t for t in bench.check_targets(bench.summarise(loads, times, {})) if t.key == "d"]
+    assert d.value == pytest.approx(1 - 1.0 / 1.1) and not d.met  # the medians would say 1 - 3/2 = -50%
+    assert "-50.0% from the medians" in d.detail and "27.3% vs the steps alone" in d.detail
+
+
+def test_show_reprints_a_saved_csv_and_refuses_other_files(tmp_path):
+    from click.testing import CliRunner
+
+    from runners.cli import main
+    rows = _fake_rows()
+    path, _ = bench.write_results(bench.BenchResult(rows, "synthetic data"), tmp_path)
+    back = bench.read_results(path)
+    assert [t.value for t in bench.check_targets(back.rows)] == [t.value for t in bench.check_targets(rows)]
+    shown = CliRunner().invoke(main, ["bench", "--show", str(path)], env={"COLUMNS": "250"})
+    assert shown.exit_code == 0 and "target (a)" in shown.output and "target (d)" in shown.output
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    for bad in (tmp_path / "other.csv", tmp_path / "missing.csv"):
+        result = CliRunner().invoke(main, ["bench", "--show", str(bad)])
+        assert result.exit_code == 2 and result.output.count("\n") == 1 and "ablate bench" in result.output
