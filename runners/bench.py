@@ -165,7 +165,7 @@ class Workload:
     """One thing to time: `run()` does `items` units of work (images, or FLOPs for a GEMM) on `threads` threads."""
 
     name: str
-    section: str  # ceiling | reference | alexnet | convnet4 | eval | pipeline | loop
+    section: str  # ceiling | reference | alexnet | convnet4 | eval | kernels | pipeline | loop
     run: Callable[[], object]
     items: float
     threads: int
@@ -419,6 +419,65 @@ def eval_workload(name: str, model_spec: ModelSpec, data: DeviceSet, precision: 
                     base=base, note=f"{crops} view{'s' if crops > 1 else ''} per test image")
 
 
+CONV_PASSES = ("forward", "input grad", "weight grad")
+
+
+def conv_pass_workloads(spec: ModelSpec, batch: int, device: torch.device, min_seconds: float) -> list[Workload]:
+    """Every conv layer's three passes alone, bf16 channels_last, 1 thread, as the training step calls them
+    (F.conv2d; aten.convolution_backward asked for one gradient), in FLOP/s: what the convolution kernels
+    themselves allow, so the gap between a training row and the ceiling can be split between the kernels
+    and everything else (kernel_bound). conv1's input gradient is never computed in training: left out."""
+    model = _prepared_model(spec, "bf16", device)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    inputs: list[torch.Size] = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: inputs.append(args[0].shape)) for m in convs]
+    with torch.no_grad(), autocast(device, "bf16"):
+        model.eval()(torch.zeros(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    g = torch.Generator(device=device).manual_seed(0)
+    loads = []
+    for i, (conv, shape) in enumerate(zip(convs, inputs), start=1):
+        x = torch.randn(shape, generator=g, device=device).to(torch.bfloat16) \
+            .contiguous(memory_format=torch.channels_last)  # (B, C_in, H, W)
+        w = conv.weight.detach().to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        geometry = (conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups)
+        out = F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)  # (B, C_out, H', W')
+        grad = torch.randn(out.shape, generator=g, device=device).to(torch.bfloat16) \
+            .contiguous(memory_format=torch.channels_last)
+        flops = 2.0 * out.numel() * w[0].numel()  # MACs x 2 per pass, as FlopCounterMode counts a conv
+        calls = {"forward": lambda x=x, w=w, c=conv: F.conv2d(x, w, None, c.stride, c.padding, c.dilation, c.groups),
+                 "input grad": lambda x=x, w=w, gr=grad, ge=geometry: torch.ops.aten.convolution_backward(
+                     gr, x, w, None, *ge, [True, False, False]),
+                 "weight grad": lambda x=x, w=w, gr=grad, ge=geometry: torch.ops.aten.convolution_backward(
+                     gr, x, w, None, *ge, [False, True, False])}
+        for what in (p for p in CONV_PASSES if not (i == 1 and p == "input grad")):
+            one = calls[what]
+
+            def make(k: int, one=one) -> Callable[[], None]:
+                def run() -> None:
+                    for _ in range(k):
+                        one()
+                return run
+
+            run, k, _, _ = calibrate(make, device, min_seconds, 1000, 1)
+            loads.append(Workload(f"conv{i} {what} {tuple(x.shape[1:])}->{tuple(out.shape[1:])}, 1 thread",
+                                  "kernels", run, k, 1, unit="passes/s", model=_label(spec), precision="bf16",
+                                  channels_last=True, flops_per_item=flops, switch=what,
+                                  note=f"batch {batch}; one pass = {flops / 1e9:.2f} GFLOP"))
+    return loads
+
+
+def kernel_bound(rows: pd.DataFrame, train_flops_per_image: float, batch: int) -> float:
+    """The share of the ceiling a training step would reach if its convolutions ran at the measured kernel
+    rates and everything else (FC layers, pooling, activations, casts, the optimiser) took no time."""
+    kernels = rows[rows.section == "kernels"]
+    if not len(kernels) or not kernels.ceiling_flops.notna().any():
+        return float("nan")
+    seconds = float((1.0 / kernels.rate).sum())  # one training step's conv passes, one call each
+    return ratio(train_flops_per_image * batch / seconds, float(kernels.ceiling_flops.iloc[0]))
+
+
 def pipeline_calls(level: str, data: DeviceSet, batch: int, device: torch.device) -> Callable[[int], Callable]:
     """make(k): a call that feeds k batches the way the training loop does (gather the uint8 rows, augment at
     `level`, make them channels_last) and returns the last batch."""
@@ -649,6 +708,8 @@ def plan_workloads(cfg: BenchConfig, device: torch.device, data: CifarData, dset
             ("PCA lighting", SEED_ALEXNET, "crop_flip_pca"),
             ("3x3/2 pools, no dropout (suite default)", SUITE_ALEXNET, TRAIN_AUGMENT),
         ])
+    if alexnet and not cfg.quick:
+        add(lambda: conv_pass_workloads(SEED_ALEXNET, b, device, s / 2), "alexnet (seed layout) conv passes")
     if convnet4:
         family("convnet4", CONVNET4, "convnet4", [
             ("rnorm (layers-18pct)", dataclasses.replace(CONVNET4, lrn=True), TRAIN_AUGMENT),
@@ -691,7 +752,7 @@ def summarise(loads: list[Workload], times: dict[str, list[float]], context: dic
     for w in loads:
         rate = med[w.name]
         base = consumer(w.threads) if w.section == "pipeline" else w.base
-        counted = w.section in (*TRAIN_SECTIONS, "eval")
+        counted = w.section in (*TRAIN_SECTIONS, "eval", "kernels")
         ceiling = ceilings.get((w.precision, w.threads), float("nan")) if counted else float("nan")
         rows.append(dict(
             section=w.section, name=w.name, model=w.model, switch=w.switch, precision=w.precision,
@@ -736,9 +797,12 @@ def check_targets(rows: pd.DataFrame) -> list[Target]:
     bf16 = seed[seed.precision == "bf16"]
     if len(bf16) and bf16.efficiency.notna().any():
         best = bf16.loc[bf16.efficiency.idxmax()]
+        bound = kernel_bound(rows, float(best.flops_per_item), int(best.batch))
         out.append(Target("b", "AlexNet training FLOP/s / bf16 GEMM ceiling", best.efficiency, 0.75, False,
                           f"{best['name']}: {best.achieved_flops / 1e12:.3f} of {best.ceiling_flops / 1e12:.3f} "
-                          f"TFLOP/s at {_threads(int(best.threads))}"))
+                          f"TFLOP/s at {_threads(int(best.threads))}" + (
+                              f"; its conv kernels alone, at their 1-thread rates, would allow {bound:.0%}"
+                              if math.isfinite(bound) else "")))
     pipe = rows[rows.section == "pipeline"]
     if len(pipe):
         worst = pipe.loc[pipe.rate.idxmin()]

@@ -1,5 +1,6 @@
 """The bench's pure parts: ratio and efficiency maths, the verdict rule, interleaving, CSV columns, targets; the
 reference data export; the conv layer whose backward the bench made faster. Fast: no timing of real models."""
+import dataclasses
 import math
 import time
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ablations.errors import UserError
-from ablations.models import Conv2d, paper_lrn, train_flops_per_image
+from ablations.models import Conv2d, build_model, paper_lrn, train_flops_per_image
 from runners import bench
 from runners.bench import CSV_COLUMNS, Workload, verdict
 
@@ -277,3 +278,20 @@ def test_show_reprints_a_saved_csv_and_refuses_other_files(tmp_path):
     for bad in (tmp_path / "other.csv", tmp_path / "missing.csv"):
         result = CliRunner().invoke(main, ["bench", "--show", str(bad)])
         assert result.exit_code == 2 and result.output.count("\n") == 1 and "ablate bench" in result.output
+
+
+def test_conv_passes_cover_the_training_steps_conv_flops_and_bound_it():
+    """The kernel rows are every conv pass a training step runs (no input gradient for conv1): their FLOPs plus
+    the FC layers' make the model's training FLOPs, and kernel_bound is those FLOPs over the passes' time."""
+    spec = dataclasses.replace(bench.SEED_ALEXNET, width=0.25)
+    loads = bench.conv_pass_workloads(spec, 4, torch.device("cpu"), 0.001)
+    assert len(loads) == 3 * 5 - 1 and not any(w.name.startswith("conv1 input grad") for w in loads)
+    model = build_model(spec)
+    fc = sum(3 * 2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert sum(w.flops_per_item for w in loads) / 4 + fc == pytest.approx(train_flops_per_image(spec), rel=1e-6)
+
+    gemm = Workload("g", "ceiling", lambda: None, 1e12, 1, precision="bf16", unit="FLOP/s")
+    times = {"g": [1.0], **{w.name: [w.items / 2.0] for w in loads}}  # every pass: 2 per second
+    rows = bench.summarise([gemm, *loads], times, {"batch": 4})
+    assert bench.kernel_bound(rows, 1e9, 4) == pytest.approx(4e9 / (len(loads) * 0.5) / 1e12)
+    assert math.isnan(bench.kernel_bound(rows[rows.section != "kernels"], 1e9, 4))
