@@ -46,8 +46,8 @@ from ablations.models import ModelSpec, build_model, train_flops_per_image
 from ablations.spec import RunSpec
 from runners.augment import AUGMENT_LEVELS, BatchAugmenter, InputStats, compute_input_stats
 from runners.data import CifarData, load_dataset, make_synthetic
-from runners.train import EVAL_BATCH, DeviceData, autocast, evaluate, keep_freed_memory, make_optimizer, \
-    pick_device, select_data, train_one_epoch, train_run
+from runners.train import COMPILED_INPUT_IMAGES, EVAL_BATCH, DeviceData, autocast, evaluate, keep_freed_memory, \
+    make_optimizer, pick_device, select_data, train_one_epoch, train_run
 
 # The suite's closest match to the seed chapter's net: the same convs and FCs, 2x2 pools, dropout 0.6. Only the
 # last pool differs (the seed's is 3x3 stride 2): on the 9x9 conv5 map both give 4x4, so the FLOPs are equal.
@@ -478,10 +478,11 @@ def kernel_bound(rows: pd.DataFrame, train_flops_per_image: float, batch: int) -
     return ratio(train_flops_per_image * batch / seconds, float(kernels.ceiling_flops.iloc[0]))
 
 
-def pipeline_calls(level: str, data: DeviceSet, batch: int, device: torch.device) -> Callable[[int], Callable]:
+def pipeline_calls(level: str, data: DeviceSet, batch: int, device: torch.device,
+                   compiled: bool = False) -> Callable[[int], Callable]:
     """make(k): a call that feeds k batches the way the training loop does (gather the uint8 rows, augment at
     `level`, make them channels_last) and returns the last batch."""
-    aug = BatchAugmenter(data.stats, "standard", level, device=device)
+    aug = BatchAugmenter(data.stats, "standard", level, device=device, compiled=compiled)
     gen = torch.Generator(device=device).manual_seed(2)
     perm = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -489,7 +490,7 @@ def pipeline_calls(level: str, data: DeviceSet, batch: int, device: torch.device
         def run() -> torch.Tensor:
             for i in range(k):
                 idx = perm[i * batch:(i + 1) * batch]
-                x = aug(data.train_x.index_select(0, idx), gen).contiguous(memory_format=torch.channels_last)
+                x = aug(data.train_x.index_select(0, idx), gen, torch.channels_last)
             return x  # (B, 3, 32, 32)
         return run
 
@@ -497,12 +498,15 @@ def pipeline_calls(level: str, data: DeviceSet, batch: int, device: torch.device
 
 
 def pipeline_workload(level: str, data: DeviceSet, batch: int, device: torch.device, min_seconds: float,
-                      threads: int) -> Workload:
-    """The training loop's input path alone, images/s."""
-    make = pipeline_calls(level, data, batch, device)
+                      threads: int, compiled: bool = False) -> Workload:
+    """The training loop's input path alone, images/s; compiled as train_run compiles it for long CPU runs
+    (the first call, which compiles, is the warm-up)."""
+    make = pipeline_calls(level, data, batch, device, compiled)
     run, k, _, _ = calibrate(make, device, min_seconds, len(data.train_y) // batch, threads)
-    return Workload(f"pipeline {level}, {_threads(threads)}", "pipeline", run, k * batch, threads,
-                    note="gather + BatchAugmenter + channels_last")
+    return Workload(f"pipeline {level}{' compiled' if compiled else ''}, {_threads(threads)}", "pipeline", run,
+                    k * batch, threads, compiled=compiled, switch="compiled" if compiled else "",
+                    note="gather + BatchAugmenter + channels_last" + (
+                        f"; compiled, as in CPU runs of >= {COMPILED_INPUT_IMAGES:,} images" if compiled else ""))
 
 
 def smoke_spec() -> RunSpec:
@@ -549,7 +553,7 @@ def loop_workloads(spec: RunSpec, data: CifarData, device: torch.device, tmp: Pa
             perm = torch.randperm(len(dd.train_y), device=device)
             for i in range(0, len(dd.train_y), spec.batch_size):
                 idx = perm[i:i + spec.batch_size]
-                x = aug(dd.train_x.index_select(0, idx), gen).contiguous(memory_format=fmt)  # (B, 3, 32, 32)
+                x = aug(dd.train_x.index_select(0, idx), gen, fmt)  # (B, 3, 32, 32)
                 with autocast(device, spec.precision):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), dd.train_y[idx])
@@ -718,6 +722,10 @@ def plan_workloads(cfg: BenchConfig, device: torch.device, data: CifarData, dset
         ])
     for level in AUGMENT_LEVELS:
         add(lambda level=level: pipeline_workload(level, dset, b, device, s / 2, 1), f"pipeline {level}")
+    if device.type == "cpu" and not cfg.quick:
+        for level in AUGMENT_LEVELS[1:]:  # "none" is normalisation alone: nothing to fuse
+            add(lambda level=level: pipeline_workload(level, dset, b, device, s / 2, 1, compiled=True),
+                f"pipeline {level} compiled")
     add(lambda: loop_workloads(smoke_spec(), data, device, tmp, 1), "the run-loop overhead check")
     return loads
 
@@ -803,7 +811,9 @@ def check_targets(rows: pd.DataFrame) -> list[Target]:
                           f"TFLOP/s at {_threads(int(best.threads))}" + (
                               f"; its conv kernels alone, at their 1-thread rates, would allow {bound:.0%}"
                               if math.isfinite(bound) else "")))
-    pipe = rows[rows.section == "pipeline"]
+    every = rows[rows.section == "pipeline"]
+    pipe = every[~every.compiled.astype(bool)]  # eager: what every run gets
+    fused = every[every.compiled.astype(bool)]
     if len(pipe):
         worst = pipe.loc[pipe.rate.idxmin()]
         if len(seed):  # the model of targets a and b
@@ -814,6 +824,11 @@ def check_targets(rows: pd.DataFrame) -> list[Target]:
         if worst.base:  # the hungriest consumer measured (convnet4 when it was timed)
             out.append(Target("c'", "pipeline (slowest level) / fastest training rate", worst.vs_base, 20.0, False,
                               f"{worst['name']}: {worst.rate:.0f} images/s vs {worst.base}"))
+    if len(fused) and fused.base.iloc[0]:
+        worst = fused.loc[fused.rate.idxmin()]
+        out.append(Target("c''", "compiled pipeline (slowest level) / fastest training rate", worst.vs_base, 20.0,
+                          False, f"{worst['name']}: {worst.rate:.0f} images/s vs {worst.base}; what CPU runs of "
+                                 f">= {COMPILED_INPUT_IMAGES:,} training images use"))
     loop = rows[rows.section == "loop"].set_index("name")
     if {LOOP_RUN, LOOP_BARE, LOOP_BARE_EVAL} <= set(loop.index):
         # From each row's fastest call: the overhead is a fixed amount of extra work and neighbours only add
@@ -972,9 +987,9 @@ class _Slowed:
     def __init__(self, aug: BatchAugmenter, seconds: float):
         self.aug, self.seconds = aug, seconds
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, *fmt: torch.memory_format) -> torch.Tensor:
         time.sleep(self.seconds)
-        return self.aug(x, gen)
+        return self.aug(x, gen, *fmt)
 
 
 def gate_workload(case: GateCase, data: DeviceSet, device: torch.device, min_seconds: float,

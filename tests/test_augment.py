@@ -187,3 +187,32 @@ def test_ten_crop_logits_accepts_channels_last():
     x = torch.randn(2, 3, 6, 6, generator=gen(19))
     got = ten_crop_logits(model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, ten_crop_logits(model, x))
+
+
+@pytest.mark.parametrize("mode", PREPROCESS)
+def test_compiled_pipeline_gives_the_eager_numbers_bit_for_bit(images, stats, mode):
+    """compiled=True (one torch.compile'd kernel, for long CPU runs) draws the same numbers and returns the same
+    tensor as the eager ops, in the asked memory format; a batch of another size (an epoch's last) runs eagerly."""
+    fast = BatchAugmenter(stats, mode, "crop_flip_pca", pad=2, compiled=True)
+    slow = BatchAugmenter(stats, mode, "crop_flip_pca", pad=2)
+    for n in (16, 16, 5):
+        g1, g2 = gen(20 + n), gen(20 + n)
+        a, b = fast(images[:n], g1, torch.channels_last), slow(images[:n], g2, torch.channels_last)
+        assert torch.equal(a, b) and a.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(g1.get_state(), g2.get_state())
+    assert fast._compiled_size == 16
+
+
+def test_a_compiler_failure_warns_once_and_runs_eagerly(images, stats, monkeypatch, capsys):
+    import runners.augment as augment
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setitem(augment._COMPILE, "ok", True)
+    monkeypatch.setattr(augment, "_compiled_augment", lambda: broken)
+    aug = BatchAugmenter(stats, "standard", "crop_flip", compiled=True)
+    a, b = aug(images[:8], gen(3)), BatchAugmenter(stats, "standard", "crop_flip")(images[:8], gen(3))
+    assert torch.equal(a, b) and not augment._COMPILE["ok"]
+    aug(images[:8], gen(3))
+    assert capsys.readouterr().err.count("running it eagerly") == 1

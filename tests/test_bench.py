@@ -107,9 +107,10 @@ def test_calibrate_sizes_calls_and_reports_the_first_call():
 
 
 def _fake_rows() -> pd.DataFrame:
-    def w(name, section, items, precision="fp32", threads=1, flops=0.0, base="", model="", switch=""):
+    def w(name, section, items, precision="fp32", threads=1, flops=0.0, base="", model="", switch="", compiled=False):
         return Workload(name, section, lambda: None, items, threads, precision=precision, flops_per_item=flops,
-                        base=base, model=model, switch=switch, unit="FLOP/s" if section == "ceiling" else "images/s")
+                        base=base, model=model, switch=switch, unit="FLOP/s" if section == "ceiling" else "images/s",
+                        compiled=compiled)
 
     seed = bench._label(bench.SEED_ALEXNET)
     loads = [w("g32", "ceiling", 1e12), w("g16", "ceiling", 4e12, "bf16"), w("g16b", "ceiling", 2e12, "bf16"),
@@ -118,7 +119,7 @@ def _fake_rows() -> pd.DataFrame:
              w("ax32", "alexnet", 150.0, flops=1e9, base="ax", model=seed),
              w("ax-pca", "alexnet", 900.0, "bf16", flops=1e9, base="ax", model=seed, switch="PCA lighting"),
              w("c4", "convnet4", 1000.0, "bf16", flops=1e8),
-             w("pipe", "pipeline", 30_000.0),
+             w("pipe", "pipeline", 30_000.0), w("pipe-c", "pipeline", 60_000.0, compiled=True),
              w(bench.LOOP_RUN, "loop", 100.0, base=bench.LOOP_BARE_EVAL), w(bench.LOOP_BARE, "loop", 125.0),
              w(bench.LOOP_BARE_EVAL, "loop", 105.0)]
     times = {x.name: [1.0, 2.0, 1.0] for x in loads}  # median rate = items / 1 s; min = items / 2 s
@@ -162,10 +163,11 @@ def test_check_targets_reads_the_rows():
     assert targets["b"].value == pytest.approx(0.075) and not targets["b"].met
     assert targets["c"].value == pytest.approx(100.0) and targets["c"].met, "vs the faster AlexNet row"
     assert targets["c'"].value == pytest.approx(30.0) and targets["c'"].met, "vs the fastest training row (c4)"
+    assert targets["c''"].value == pytest.approx(60.0) and "pipe-c" in targets["c''"].detail
     assert targets["d"].value == pytest.approx(1 - 100 / 105) and targets["d"].met
     assert "20.0%" in targets["d"].detail, "overhead vs bare train steps only: 1 - 100/125"
     lines = bench.target_lines(list(targets.values()))
-    assert len(lines) == 5 and "NOT met" in lines[1]
+    assert len(lines) == 6 and "NOT met" in lines[1]
 
 
 def test_write_results_csv_and_latest_copy(tmp_path):

@@ -217,3 +217,13 @@ def test_freed_training_memory_is_reused_without_page_faults():
     for _ in range(20):
         torch.ones(1 << 20)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2_000  # ~1,000 here: one growth
+
+
+def test_only_long_cpu_runs_compile_their_input_pipeline():
+    """Compiling the pipeline costs seconds per process; it repays them from about a million images."""
+    from runners.train import COMPILED_INPUT_IMAGES, compile_input
+    spec = _small_spec(epochs=10)
+    cpu = torch.device("cpu")
+    assert not compile_input(spec, COMPILED_INPUT_IMAGES // 10 - 1, cpu)
+    assert compile_input(spec, COMPILED_INPUT_IMAGES // 10, cpu)
+    assert not compile_input(spec, COMPILED_INPUT_IMAGES, torch.device("cuda"))
