@@ -22,7 +22,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
 
 from ablations.models import build_model, count_params, train_flops_per_image
 from ablations.spec import RunSpec
@@ -414,8 +413,10 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
                     save_checkpoint_rotating(run_dir, state)
                     atomic_write_text(run_dir / "epochs.csv", rows_csv(rows, EPOCH_COLUMNS))
                     last_saved, unsaved = time.perf_counter(), None
-                else:  # a copy in memory (~1 ms for the smoke net), written if Ctrl-C stops the run
-                    unsaved = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, state)
+                elif stop_reason == "epochs" and epoch < spec.epochs:  # written if Ctrl-C stops the run
+                    unsaved = _cloned(state)  # a copy: the next epoch trains the live tensors on
+                else:  # the run's last epoch: nothing trains after it, so the live tensors stay its state
+                    unsaved = state
             if on_epoch is not None:
                 on_epoch(row)
             if stop_reason != "epochs":
@@ -433,13 +434,29 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
     extra["wall_seconds"] = wall_before + time.perf_counter() - started
     summary = summarise(spec, rows, status, stop_reason, error, env, extra)
     if writer:
-        atomic_write_text(run_dir / "epochs.csv", rows_csv(rows, EPOCH_COLUMNS))  # killed before? rewrite
-        atomic_write_bytes(run_dir / "model.pt", _state_bytes(model))
-        atomic_write_json(run_dir / "summary.json", summary)
+        try:
+            atomic_write_text(run_dir / "epochs.csv", rows_csv(rows, EPOCH_COLUMNS))  # killed before? rewrite
+            atomic_write_bytes(run_dir / "model.pt", _state_bytes(model))
+            atomic_write_json(run_dir / "summary.json", summary)
+        except KeyboardInterrupt:  # before the summary made the run finished: keep its last epoch
+            if unsaved is not None:
+                save_checkpoint_rotating(run_dir, unsaved)
+            raise
         if status != "failed":  # a failed run (e.g. a lost rank) resumes from its last epoch when rerun
             for name in ("checkpoint.pt", "checkpoint.prev.pt"):
                 (run_dir / name).unlink(missing_ok=True)
     return RunResult(spec.run_id, status, stop_reason, rows, summary, error)
+
+
+def _cloned(state):
+    """A copy of a checkpoint state with every tensor cloned (dicts, lists and tuples rebuilt, the rest shared)."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: _cloned(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cloned(v) for v in state)
+    return state
 
 
 def save_checkpoint_rotating(run_dir: Path, state: dict) -> None:
