@@ -181,6 +181,7 @@ class Workload:
     before: Callable[[], None] | None = None  # untimed set-up before each timed call
     after: Callable[[], None] | None = None  # untimed tear-down after it
     compile_seconds: float = float("nan")
+    calls_per_round: int = 1  # timed calls in each interleaved round (more samples for a noisy comparison)
 
 
 def timed(run: Callable[[], object], device: torch.device, before=None, after=None) -> float:
@@ -229,7 +230,8 @@ def time_interleaved(loads: list[Workload], repeats: int, device: torch.device,
         shift = r % max(1, len(loads))
         for w in loads[shift:] + loads[:shift]:
             with using_threads(w.threads):
-                times[w.name].append(timed(w.run, device, w.before, w.after))
+                for _ in range(w.calls_per_round):
+                    times[w.name].append(timed(w.run, device, w.before, w.after))
     return times
 
 
@@ -519,6 +521,7 @@ def smoke_spec() -> RunSpec:
 
 
 LOOP_RUNS_PER_CALL = 4
+LOOP_CALLS_PER_ROUND = 3
 LOOP_RUN, LOOP_BARE, LOOP_BARE_EVAL = "train_run (whole run loop)", "bare train steps", "bare script: setup + steps + eval"
 
 
@@ -592,12 +595,15 @@ def loop_workloads(spec: RunSpec, data: CifarData, device: torch.device, tmp: Pa
     items, label = LOOP_RUNS_PER_CALL * spec.epochs * len(built[0].train_y), _label(spec.model)
     note = f"smoke spec: {len(built[0].train_y)} images x {spec.epochs} epochs, batch {spec.batch_size}, " \
            f"{spec.precision}"
+    n = LOOP_CALLS_PER_ROUND  # a ~5% difference under ~10% noise: the fastest of 3x the calls
     return [Workload(LOOP_RUN, "loop", full, items, threads, model=label, precision=spec.precision, before=before,
-                     after=after, base=LOOP_BARE_EVAL, note=note),
+                     after=after, base=LOOP_BARE_EVAL, note=note, calls_per_round=n),
             Workload(LOOP_BARE, "loop", bare_steps, items, threads, model=label, precision=spec.precision,
-                     note="the same steps on a model built once: no setup, metrics, files or evaluation"),
+                     note="the same steps on a model built once: no setup, metrics, files or evaluation",
+                     calls_per_round=n),
             Workload(LOOP_BARE_EVAL, "loop", bare_script, items, threads, model=label, precision=spec.precision,
-                     note="data, input stats, model, optimiser; the same steps and evaluation forwards")]
+                     note="data, input stats, model, optimiser; the same steps and evaluation forwards",
+                     calls_per_round=n)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
