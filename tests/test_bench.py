@@ -297,3 +297,12 @@ def test_conv_passes_cover_the_training_steps_conv_flops_and_bound_it():
     rows = bench.summarise([gemm, *loads], times, {"batch": 4})
     assert bench.kernel_bound(rows, 1e9, 4) == pytest.approx(4e9 / (len(loads) * 0.5) / 1e12)
     assert math.isnan(bench.kernel_bound(rows[rows.section != "kernels"], 1e9, 4))
+
+
+def test_calls_per_round_gives_a_workload_more_samples():
+    calls = []
+    loads = [Workload("a", "loop", lambda: calls.append("a"), 1.0, 1, calls_per_round=3),
+             Workload("b", "loop", lambda: calls.append("b"), 1.0, 1)]
+    times = bench.time_interleaved(loads, 2, torch.device("cpu"))
+    assert len(times["a"]) == 6 and len(times["b"]) == 2
+    assert calls == ["a", "a", "a", "b", "b", "a", "a", "a"], "each round rotates; a's calls stay together"
