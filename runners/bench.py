@@ -504,9 +504,10 @@ def pipeline_workload(level: str, data: DeviceSet, batch: int, device: torch.dev
     """The training loop's input path alone, images/s; compiled as train_run compiles it for long CPU runs
     (the first call, which compiles, is the warm-up)."""
     make = pipeline_calls(level, data, batch, device, compiled)
-    run, k, _, _ = calibrate(make, device, min_seconds, len(data.train_y) // batch, threads)
+    run, k, first, warm = calibrate(make, device, min_seconds, len(data.train_y) // batch, threads)
     return Workload(f"pipeline {level}{' compiled' if compiled else ''}, {_threads(threads)}", "pipeline", run,
                     k * batch, threads, compiled=compiled, switch="compiled" if compiled else "",
+                    compile_seconds=first - warm if compiled else float("nan"),
                     note="gather + BatchAugmenter + channels_last" + (
                         f"; compiled, as in CPU runs of >= {COMPILED_INPUT_IMAGES:,} images" if compiled else ""))
 
