@@ -68,10 +68,11 @@ def keep_freed_memory() -> bool:
 
 def compile_input(spec: RunSpec, n_train: int, device: torch.device) -> bool:
     """Compile the input pipeline (BatchAugmenter) for CPU runs that push at least COMPILED_INPUT_IMAGES
-    training images through it. Compiling costs ~8 s once per process on this 2-core CPU and saves ~12 us per
-    image (eager ~50k images/s, compiled ~125k at crop_flip_pca on one thread): it pays off from about a
-    million images, and matters for the small convnet4 (~3k images/s), whose input the eager pipeline slows by
-    ~6%. On a GPU the eager pipeline is already far ahead of the model."""
+    training images through it. Compiling costs torch.compile's start-up once per process plus a fraction of a
+    second per pipeline (`ablate bench`: the compile_seconds of the compiled pipeline rows), and saves ~10 us
+    per image at the crop levels (its pipeline rows: ~50k eager vs ~115-145k images/s compiled, one thread).
+    That pays off from about a million images, and matters for the small convnet4 (~2.7k images/s), whose
+    input the eager pipeline slows by ~5%. On a GPU the eager pipeline is already far ahead of the model."""
     return device.type == "cpu" and spec.epochs * n_train >= COMPILED_INPUT_IMAGES
 
 
