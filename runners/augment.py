@@ -182,10 +182,11 @@ class BatchAugmenter:
                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> augmented float32 (B, 3, H, W) in `memory_format`.
 
-        compiled=True runs the same maths as one torch.compile'd CPU kernel: 2-3x the images/s at the crop levels
-        (`ablate bench`'s pipeline rows), the same numbers bit for bit (tests/test_augment.py). Compiling costs seconds once per process, so train_run turns it on
-        for runs big enough to repay it. Only batches of the first compiled size use it (no recompiling for an
-        epoch's shorter last batch); if compiling fails (no C++ compiler, say) it warns once and runs eager."""
+        compiled=True runs the same maths as one torch.compile'd CPU kernel: 2-3x the images/s at the crop
+        levels (`ablate bench`'s pipeline rows), the same numbers bit for bit (tests/test_augment.py). Compiling
+        costs seconds once per process, so train_run turns it on for runs big enough to repay it. Only batches
+        of the first compiled size use it (no recompiling for an epoch's shorter last batch); if compiling
+        fails (no C++ compiler, say) it warns once and runs eagerly."""
         args = (x, _stats_tensors(self.stats), self.preprocess, self.pad, self.pca_scale,
                 *self.draw(len(x), gen, x.device), memory_format)
         if self.compiled and x.device.type == "cpu" and _COMPILE["ok"] and self._compiled_size in (0, len(x)):

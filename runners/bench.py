@@ -523,7 +523,8 @@ def smoke_spec() -> RunSpec:
 
 LOOP_RUNS_PER_CALL = 4
 LOOP_CALLS_PER_ROUND = 3
-LOOP_RUN, LOOP_BARE, LOOP_BARE_EVAL = "train_run (whole run loop)", "bare train steps", "bare script: setup + steps + eval"
+LOOP_RUN, LOOP_BARE = "train_run (whole run loop)", "bare train steps"
+LOOP_BARE_EVAL = "bare script: setup + steps + eval"
 
 
 def loop_workloads(spec: RunSpec, data: CifarData, device: torch.device, tmp: Path, threads: int) -> list[Workload]:

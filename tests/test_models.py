@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ablations.errors import UserError
 from ablations.models import (
-    ACTIVATIONS, INITS, PAPER_INIT, POOL_FIRST, POOLINGS, ModelSpec, SameMapRNorm, build_model, count_params, describe_model,
-    lrn_per_column, paper_lrn, train_flops_per_image,
+    ACTIVATIONS, INITS, PAPER_INIT, POOL_FIRST, POOLINGS, ModelSpec, SameMapRNorm, build_model, count_params,
+    describe_model, lrn_per_column, paper_lrn, train_flops_per_image,
 )
 from runners.cli import main
 
