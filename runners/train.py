@@ -51,11 +51,11 @@ class RunResult:
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory instead of handing it back to the OS after each training step.
 
-    By default, blocks of 128 KB and more (every activation) are unmapped when freed and faulted back in
-    page by page (4 KB) at the next allocation. A step frees and reallocates the same buffers, so the smoke
-    run took ~6,900 page faults and ~8% of its wall time on them (runners/bench.py's loop check). CPU
-    training guides suggest jemalloc or tcmalloc; this gets the same effect with no extra dependency.
-    The cost is that the process keeps its peak memory. Linux/glibc only; elsewhere it does nothing."""
+    By default, large freed blocks (activations) are unmapped or trimmed and faulted back in page by page
+    (4 KB) at the next allocation, and a step frees and reallocates the same buffers every time: thousands
+    of page faults per smoke run (tests/test_run.py shows the effect on a 4 MB buffer). CPU training guides
+    suggest jemalloc or tcmalloc; this gets the same effect with no extra dependency. The cost is that the
+    process keeps its peak memory. Linux/glibc only; elsewhere it does nothing."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -78,9 +78,9 @@ def compile_input(spec: RunSpec, n_train: int, device: torch.device) -> bool:
 
 def checkpoint_seconds() -> float:
     """Seconds of training between checkpoints: after an epoch, one is written once this many have passed
-    since the last. A checkpoint of the CIFAR AlexNet (weights, momenta) is ~100 MB and fsynced; written after
-    every 5-second GPU epoch it would cost more than the epoch, and after each of a smoke run's 0.2-second
-    epochs it was most of the run loop's overhead. A kill loses at most this much plus one epoch, and the
+    since the last. A checkpoint of the CIFAR AlexNet (~15M weights and their momenta) is ~120 MB and
+    fsynced: after every few-second GPU epoch it would rival the epoch itself, and after each of a smoke
+    run's sub-second epochs it dominated the run loop's overhead. A kill loses at most this much plus one epoch, and the
     resumed run is bit-identical whatever the interval. 0 writes one after every epoch."""
     from ablations.errors import UserError
     raw = os.environ.get(CHECKPOINT_ENV, "").strip()
@@ -455,8 +455,10 @@ def _cloned(state):
         return state.clone()
     if isinstance(state, dict):
         return {k: _cloned(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_cloned(v) for v in state)
+    if isinstance(state, list):
+        return [_cloned(v) for v in state]
+    if isinstance(state, tuple):
+        return tuple(_cloned(v) for v in state)
     return state
 
 
