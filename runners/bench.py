@@ -730,7 +730,7 @@ def plan_workloads(cfg: BenchConfig, device: torch.device, data: CifarData, dset
         ])
     for level in AUGMENT_LEVELS:
         add(lambda level=level: pipeline_workload(level, dset, b, device, s / 2, 1), f"pipeline {level}")
-    if device.type == "cpu" and not cfg.quick:
+    if device.type == "cpu" and compile_on:
         for level in AUGMENT_LEVELS[1:]:  # "none" is normalisation alone: nothing to fuse
             add(lambda level=level: pipeline_workload(level, dset, b, device, s / 2, 1, compiled=True),
                 f"pipeline {level} compiled")
