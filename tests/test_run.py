@@ -1,5 +1,6 @@
 """`ablate run` end to end on generated data: CSVs with the documented columns, re-runs that train nothing,
 kill -9 and resume ending bit-for-bit where an uninterrupted run ends, two processes sharing one grid."""
+import dataclasses
 import json
 import os
 import signal
@@ -227,3 +228,31 @@ def test_only_long_cpu_runs_compile_their_input_pipeline():
     assert not compile_input(spec, COMPILED_INPUT_IMAGES // 10 - 1, cpu)
     assert compile_input(spec, COMPILED_INPUT_IMAGES // 10, cpu)
     assert not compile_input(spec, COMPILED_INPUT_IMAGES, torch.device("cuda"))
+
+
+def test_a_run_with_the_compiled_input_pipeline_trains_the_same_weights(tmp_path, data_dir, monkeypatch):
+    """train_run with compile_input on (its threshold lowered for the test) ends with the weights of the eager
+    run, bit for bit: the compiled full batches and the eager last batch (160 = 2 x 64 + 32) draw and compute
+    the same numbers."""
+    import runners.augment as augment
+    import runners.train as train
+    from runners.data import load_dataset
+
+    compiled_calls = []
+    real = augment._compiled_augment
+
+    def counted():
+        fn = real()
+        return lambda *args: compiled_calls.append(1) or fn(*args)
+
+    monkeypatch.setattr(augment, "_compiled_augment", counted)
+    data = load_dataset("cifar10", data_dir)
+    spec = dataclasses.replace(_small_spec(epochs=2), subset=160)
+    weights = []
+    for threshold, name in ((10 ** 12, "eager"), (1, "compiled")):
+        monkeypatch.setattr(train, "COMPILED_INPUT_IMAGES", threshold)
+        assert train.compile_input(spec, 160, torch.device("cpu")) == (name == "compiled")
+        train.train_run(spec, data, tmp_path / name, "cpu")
+        weights.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert len(compiled_calls) == 4 and augment._COMPILE["ok"], "2 full batches x 2 epochs went through it"
