@@ -431,6 +431,8 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
             raise
         status, stop_reason, error = "failed", "error", f"{type(err).__name__}: {err}"
         traceback.print_exc()
+        if unsaved is not None:  # a failed run resumes when rerun: from its last finished epoch
+            save_checkpoint_rotating(run_dir, unsaved)
 
     extra["wall_seconds"] = wall_before + time.perf_counter() - started
     summary = summarise(spec, rows, status, stop_reason, error, env, extra)

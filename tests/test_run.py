@@ -256,3 +256,27 @@ def test_a_run_with_the_compiled_input_pipeline_trains_the_same_weights(tmp_path
         weights.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert len(compiled_calls) == 4 and augment._COMPILE["ok"], "2 full batches x 2 epochs went through it"
+
+
+def test_a_failed_run_keeps_its_last_finished_epoch_even_between_checkpoints(tmp_path, data_dir, monkeypatch):
+    """An error mid-run (a lost DDP rank, say) records the run as failed and writes the last finished epoch's
+    state, held in memory since no checkpoint was due; the rerun resumes there and ends bit for bit the same."""
+    from runners.data import load_dataset
+    from runners.store import load_checkpoint
+    from runners.train import train_run
+
+    data, spec = load_dataset("cifar10", data_dir), _small_spec(epochs=4)
+    monkeypatch.setenv("ABLATE_CHECKPOINT_SECONDS", "1e9")
+    train_run(spec, data, tmp_path / "ref", "cpu")
+
+    def fail_after_2(row):
+        if row["epoch"] == 2:
+            raise RuntimeError("rank 1 lost")
+
+    failed = train_run(spec, data, tmp_path / "run", "cpu", on_epoch=fail_after_2)
+    assert failed.status == "failed" and "rank 1 lost" in failed.error
+    assert len(load_checkpoint(tmp_path / "run" / "checkpoint.pt")["rows"]) == 2
+    resumed = train_run(spec, data, tmp_path / "run", "cpu", on_epoch=lambda row: None)
+    assert resumed.status == "finished" and [r["epoch"] for r in resumed.rows] == [1, 2, 3, 4]
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("ref", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
