@@ -9,6 +9,7 @@ Training order (BatchAugmenter): normalise -> PCA lighting -> random crop -> ran
 means the zero padding of the crop is the mean (mean image in `paper` mode, channel mean in `standard` mode).
 """
 
+import functools
 import sys
 from dataclasses import dataclass, fields
 
@@ -168,6 +169,7 @@ class BatchAugmenter:
         self.stats, self.preprocess, self.level, self.pad = stats.to(device), preprocess, level, pad
         self.pca_std, self.pca_scale, self.ops = pca_std, pca_scale, _LEVEL_OPS[level]
         self.compiled, self._compiled_size = compiled, 0
+        self._stats = tuple(getattr(self.stats, f.name) for f in fields(self.stats))  # augment()'s argument
 
     def draw(self, b: int, gen: torch.Generator, device: torch.device):
         """A batch's random numbers, in the pipeline's order: PCA alphas (B, 3), crop offsets (2, B), flips (B,);
@@ -187,7 +189,7 @@ class BatchAugmenter:
         costs seconds once per process, so train_run turns it on for runs big enough to repay it. Only batches
         of the first compiled size use it (no recompiling for an epoch's shorter last batch); if compiling
         fails (no C++ compiler, say) it warns once and runs eagerly."""
-        args = (x, _stats_tensors(self.stats), self.preprocess, self.pad, self.pca_scale,
+        args = (x, self._stats, self.preprocess, self.pad, self.pca_scale,
                 *self.draw(len(x), gen, x.device), memory_format)
         if self.compiled and x.device.type == "cpu" and _COMPILE["ok"] and self._compiled_size in (0, len(x)):
             try:
@@ -203,10 +205,6 @@ class BatchAugmenter:
     def eval(self, x: torch.Tensor) -> torch.Tensor:
         """Test-time input: normalised, never augmented."""
         return normalize(x, self.preprocess, self.stats)
-
-
-def _stats_tensors(stats: InputStats) -> tuple[torch.Tensor, ...]:
-    return tuple(getattr(stats, f.name) for f in fields(stats))
 
 
 def augment(x: torch.Tensor, stats: tuple[torch.Tensor, ...], preprocess: str, pad: int, pca_scale: float,
@@ -225,13 +223,12 @@ def augment(x: torch.Tensor, stats: tuple[torch.Tensor, ...], preprocess: str, p
     return x.contiguous(memory_format=memory_format)
 
 
-_COMPILE = {"ok": True, "fn": None}
+_COMPILE = {"ok": True}  # False once compiling has failed in this process
 
 
+@functools.cache
 def _compiled_augment():
-    if _COMPILE["fn"] is None:
-        _COMPILE["fn"] = torch.compile(augment, dynamic=False)
-    return _COMPILE["fn"]
+    return torch.compile(augment, dynamic=False)
 
 
 def ten_crop_views(x: torch.Tensor, pad: int = 4) -> torch.Tensor:

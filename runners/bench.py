@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import json
 import math
-import platform
 import shutil
 import statistics
 import tempfile
@@ -46,8 +45,8 @@ from ablations.models import ModelSpec, build_model, train_flops_per_image
 from ablations.spec import RunSpec
 from runners.augment import AUGMENT_LEVELS, BatchAugmenter, InputStats, compute_input_stats
 from runners.data import CifarData, load_dataset, make_synthetic
-from runners.train import COMPILED_INPUT_IMAGES, EVAL_BATCH, DeviceData, autocast, evaluate, keep_freed_memory, \
-    make_optimizer, pick_device, select_data, train_one_epoch, train_run
+from runners.train import COMPILED_INPUT_IMAGES, EVAL_BATCH, DeviceData, autocast, device_name, evaluate, \
+    keep_freed_memory, make_optimizer, pick_device, select_data, train_one_epoch, train_run
 
 # The suite's closest match to the seed chapter's net: the same convs and FCs, 2x2 pools, dropout 0.6. Only the
 # last pool differs (the seed's is 3x3 stride 2): on the 9x9 conv5 map both give 4x4, so the FLOPs are equal.
@@ -643,18 +642,6 @@ def bench_data(data_dir: Path | None) -> tuple[CifarData, str, bool]:
         return make_synthetic("cifar10", 50_000, 10_000, seed=0), "synthetic data", False
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def plan_workloads(cfg: BenchConfig, device: torch.device, data: CifarData, dset: DeviceSet, ref_root: Path | None,
                    data_label: str, tmp: Path, say: Callable[[str], None]) -> list[Workload]:
     """Build (and warm up) everything the bench times, in table order.
@@ -746,8 +733,9 @@ def summarise(loads: list[Workload], times: dict[str, list[float]], context: dic
 
     A row's ceiling is the fastest single GEMM timing of its precision at any size and at its thread count or
     fewer. Rates are medians, but a ceiling is what the hardware can do: noise from neighbours only ever slows a
-    timing, and two threads can do at least what one does. (On this CPU the 2-thread bf16 GEMM median is below
-    the 1-thread one and its best timing ~2x it: a median ceiling put 2-thread AlexNet at 91% "efficiency".)
+    timing, and two threads can do at least what one does. (In results/bench/cpu-20261129-081005.csv the
+    2-thread bf16 1024 GEMM median, 0.53 TFLOP/s, sits below the 1-thread one, 0.58: a median ceiling would
+    flatter every 2-thread row.)
     vs_reference divides by the faster reference row (the reference at its best). A pipeline row's base is the
     fastest training row at its thread count (the hungriest consumer: in training, the input pipeline runs on
     the same threads as the step), so its vs_base is the pipeline's headroom."""
@@ -872,7 +860,7 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> BenchResu
         loads = plan_workloads(cfg, device, data, dset, ref_root, label, Path(tmp), say)
         say(f"timing {len(loads)} workloads in {cfg.repeats} interleaved rounds")
         times = time_interleaved(loads, cfg.repeats, device, say)
-    context = dict(batch=cfg.batch_size, data=label, device=str(device), device_name=_device_name(device),
+    context = dict(batch=cfg.batch_size, data=label, device=str(device), device_name=device_name(device),
                    torch_version=torch.__version__, date=datetime.now().isoformat(timespec="seconds"))
     return BenchResult(summarise(loads, times, context), label)
 
@@ -930,8 +918,8 @@ def bench_table(result: BenchResult):
         if section is not None and r.section != section:
             table.add_section()
         section = r.section
-        flop_row = r.unit == "FLOP/s"
-        scale, unit, digits = (1e12, " TFLOP/s", 3) if flop_row else (1.0, " img/s", 0)
+        scale, unit, digits = {"FLOP/s": (1e12, " TFLOP/s", 3), "passes/s": (1.0, " passes/s", 1)}.get(
+            r.unit, (1.0, " img/s", 0))
         table.add_row(
             r.name, f"{r.rate / scale:,.{digits}f}{unit}",
             f"{r.rate_min / scale:,.{digits}f}-{r.rate_max / scale:,.{digits}f}",
@@ -1097,7 +1085,7 @@ def update_baseline(path: Path, rounds: int = 5, repeats: int = 7, device: str =
                          "images_per_s": median(m.rates[c.name] for m in measured),
                          "worst_drop_vs_median": 1 - min(values) / median(values)}
     dev = pick_device(device)
-    base = {"device": dev.type, "device_name": _device_name(dev), "threads": GATE_THREADS, "batch": GATE_BATCH,
+    base = {"device": dev.type, "device_name": device_name(dev), "threads": GATE_THREADS, "batch": GATE_BATCH,
             "torch_version": torch.__version__, "created": datetime.now().isoformat(timespec="seconds"),
             "command": "ablate bench --update-baseline", "unit": GATE_UNIT, "tolerance": GATE_TOLERANCE,
             "gemm_fp32_flops": median(m.gemm_flops for m in measured),

@@ -274,9 +274,13 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and core count: what a run (and a bench row) records it ran on."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+
+
 def environment(spec: RunSpec, data: CifarData, device: torch.device, context: dict) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {"torch_version": torch.__version__, "device": str(device), "device_name": name,
+    return {"torch_version": torch.__version__, "device": str(device), "device_name": device_name(device),
             "precision": spec.precision, "devices": spec.devices, "threads": torch.get_num_threads(),
             "dataset": spec.dataset, "dataset_label": data.meta.get("label", spec.dataset),
             "dataset_sha256": data.meta.get("sha256", ""), "dataset_source": data.meta.get("source", ""),
