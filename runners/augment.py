@@ -116,10 +116,14 @@ def pca_lighting(x: torch.Tensor, stats: InputStats, gen: torch.Generator, std: 
 def shift_lighting(x: torch.Tensor, alpha: torch.Tensor, stats: InputStats, scale: float = PCA_SCALE,
                    mode: str = "paper") -> torch.Tensor:
     """pca_lighting's shift for given draws alpha (B, 3)."""
+    return x + lighting_offset(alpha, stats, scale, mode)[:, :, None, None]  # (B, 3, H, W)
+
+
+def lighting_offset(alpha: torch.Tensor, stats: InputStats, scale: float = PCA_SCALE,
+                    mode: str = "paper") -> torch.Tensor:
+    """Each image's RGB shift (B, 3) in normalised units for draws alpha (B, 3)."""
     offset = (alpha * (stats.eigvals * scale)) @ stats.eigvecs.T  # (B, 3) 0-255 units, row b = V (alpha_b * lambda)
-    if mode == "standard":
-        offset = offset / stats.channel_std
-    return x + offset[:, :, None, None]  # (B, 3, H, W)
+    return offset / stats.channel_std if mode == "standard" else offset
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -184,8 +188,8 @@ class BatchAugmenter:
                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> augmented float32 (B, 3, H, W) in `memory_format`.
 
-        compiled=True runs the same maths as one torch.compile'd CPU kernel: 2-3x the images/s at the crop
-        levels (`ablate bench`'s pipeline rows), the same numbers bit for bit (tests/test_augment.py). Compiling
+        compiled=True runs the same maths as one torch.compile'd CPU kernel, faster at the crop levels
+        (`ablate bench`'s pipeline rows), the same numbers bit for bit (tests/test_augment.py). Compiling
         costs seconds once per process, so train_run turns it on for runs big enough to repay it. Only batches
         of the first compiled size use it (no recompiling for an epoch's shorter last batch); if compiling
         fails (no C++ compiler, say) it warns once and runs eagerly."""
@@ -210,8 +214,27 @@ class BatchAugmenter:
 def augment(x: torch.Tensor, stats: tuple[torch.Tensor, ...], preprocess: str, pad: int, pca_scale: float,
             alpha: torch.Tensor | None, off: torch.Tensor | None, flip: torch.Tensor | None,
             memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """The training pipeline for given draws: normalise, PCA lighting, crop, flip. A plain function of tensors
-    (the statistics as InputStats' fields in order) so that torch.compile traces it once for every run."""
+    """The training pipeline for given draws, run eagerly: compose_augment's numbers bit for bit in fewer passes
+    over memory. It normalises and lights the batch in place, pads it once, and then one gather cuts each crop
+    window, mirrored where flipped, straight into `memory_format`. (torch.compile turns a gather into a slow loop,
+    so the compiled path traces compose_augment instead.)"""
+    if off is None and flip is None:  # no pixel moves
+        return compose_augment(x, stats, preprocess, pad, pca_scale, alpha, off, flip, memory_format)
+    st = InputStats(*stats)
+    b, c, h, w = x.shape
+    x = normalize(x, preprocess, st)  # (B, 3, H, W) float32, our own contiguous copy: in-place ops are safe
+    if alpha is not None:
+        x.add_(lighting_offset(alpha, st, pca_scale, preprocess)[:, :, None, None])
+    p = pad if off is not None else 0
+    padded = F.pad(x, (p, p, p, p)) if p else x  # (B, 3, H+2p, W+2p), zero = the mean after normalising
+    return gather_windows(padded, h, w, off, flip, memory_format)
+
+
+def compose_augment(x: torch.Tensor, stats: tuple[torch.Tensor, ...], preprocess: str, pad: int, pca_scale: float,
+                    alpha: torch.Tensor | None, off: torch.Tensor | None, flip: torch.Tensor | None,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The training pipeline as its ops one after another: normalise, PCA lighting, crop, flip. A plain function
+    of tensors (the statistics as InputStats' fields in order) that torch.compile fuses into one loop."""
     st = InputStats(*stats)
     x = normalize(x, preprocess, st)  # (B, 3, H, W) float32
     if alpha is not None:
@@ -223,12 +246,32 @@ def augment(x: torch.Tensor, stats: tuple[torch.Tensor, ...], preprocess: str, p
     return x.contiguous(memory_format=memory_format)
 
 
+def gather_windows(padded: torch.Tensor, h: int, w: int, off: torch.Tensor | None, flip: torch.Tensor | None,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Each image's HxW window of `padded` (B, C, Hp, Wp) at offsets off (2, B) (None: the top left), mirrored
+    left-right where flip (B,) is set: crop_at then flip_where as one gather, written in `memory_format`."""
+    b, c, hp, wp = padded.shape
+    i, j = torch.arange(h, device=padded.device), torch.arange(w, device=padded.device)
+    rows, cols = i.expand(b, h), j.expand(b, w)  # (B, H), (B, W) source row and column of each output pixel
+    if flip is not None:
+        cols = torch.where(flip[:, None], w - 1 - j, j)
+    if off is not None:
+        rows, cols = rows + off[0][:, None], cols + off[1][:, None]
+    pixel = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)  # (B, C, H*W)
+    if memory_format == torch.channels_last:
+        out = torch.empty(b, h * w, c, device=padded.device).permute(0, 2, 1)  # (B, C, H*W) with C innermost
+    else:
+        out = torch.empty(b, c, h * w, device=padded.device)
+    torch.gather(padded.reshape(b, c, hp * wp), 2, pixel, out=out)
+    return out.view(b, c, h, w)
+
+
 _COMPILE = {"ok": True}  # False once compiling has failed in this process
 
 
 @functools.cache
 def _compiled_augment():
-    return torch.compile(augment, dynamic=False)
+    return torch.compile(compose_augment, dynamic=False)
 
 
 def ten_crop_views(x: torch.Tensor, pad: int = 4) -> torch.Tensor:

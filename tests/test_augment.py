@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ablations.errors import UserError
-from runners.augment import (AUGMENT_LEVELS, PCA_SCALE, PREPROCESS, BatchAugmenter, InputStats, compute_input_stats,
-                             normalize, pca_lighting, random_crop, random_flip, ten_crop_logits, ten_crop_views)
+from runners.augment import (AUGMENT_LEVELS, PCA_SCALE, PREPROCESS, BatchAugmenter, InputStats, augment,
+                             compose_augment, compute_input_stats, normalize, pca_lighting, random_crop, random_flip, ten_crop_logits, ten_crop_views)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -170,6 +170,24 @@ def test_batch_augmenter_order_is_pca_then_crop_then_flip(images, stats):
     want = normalize(x, "standard", stats)
     want = random_flip(random_crop(pca_lighting(want, stats, g, mode="standard"), 2, g), g)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mode", PREPROCESS)
+@pytest.mark.parametrize("level", AUGMENT_LEVELS)
+@pytest.mark.parametrize("pad", [0, 1, 3])
+def test_the_eager_gather_pipeline_gives_the_op_by_op_numbers_bit_for_bit(images, stats, mode, level, pad):
+    """augment (pad once, one gather for crop + flip) against compose_augment (each op in turn), in both memory
+    formats, on an odd batch whose draws include flipped and unflipped images and every crop offset."""
+    aug = BatchAugmenter(stats, mode, level, pad=pad)
+    x, g = images[:23], gen(30 + pad)
+    args = (x, aug._stats, mode, pad, PCA_SCALE, *aug.draw(len(x), g, x.device))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got, want = augment(*args, fmt), compose_augment(*args, fmt)
+        assert torch.equal(got, want) and got.is_contiguous(memory_format=fmt)
+    if level != "none":
+        assert 0 < int(args[-1].sum()) < len(x)  # some images flipped, some not
+    if "crop" in level and pad:
+        assert set(args[-2].flatten().tolist()) == set(range(2 * pad + 1))
 
 
 def test_batch_augmenter_rejects_unknown_settings(stats):
