@@ -5,6 +5,7 @@ two specs that differ in any such field never share an id. Labels (grid name, ax
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -50,8 +51,9 @@ class RunSpec:
     grid: str = field(default="", compare=False)
     axes: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
+        """Hashed once per spec (a spec is frozen): a run asks for it several times."""
         return run_id(self)
 
     def result_fields(self) -> dict[str, Any]:

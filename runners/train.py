@@ -262,6 +262,7 @@ def set_rng_state(state: dict, order_gen: torch.Generator, aug_gen: torch.Genera
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@functools.cache
 def _cpu_name() -> str:
     """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
     try:
