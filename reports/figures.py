@@ -24,7 +24,8 @@ from reports.stats import compare, mean_ci
 
 RC = {**sns.axes_style("whitegrid"), "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
       "xtick.labelsize": 10, "ytick.labelsize": 10, "legend.fontsize": 10, "legend.title_fontsize": 10,
-      "figure.titlesize": 13, "savefig.facecolor": "white"}
+      "figure.titlesize": 13, "savefig.facecolor": "white",
+      "svg.hashsalt": "ablate"}  # fixed SVG element ids (else random): an unchanged figure rewrites the same bytes
 PALETTE = sns.color_palette("colorblind")
 VERDICT_COLORS = {REPRODUCED: PALETTE[2], SMALLER: PALETTE[1], NOT_REPRODUCED: PALETTE[3],
                   INCONCLUSIVE: PALETTE[7], SINGLE: PALETTE[4], MEASURED: PALETTE[0]}
@@ -35,7 +36,7 @@ def save(fig: Figure, out_dir: Path, name: str, dpi: int) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
     fig.savefig(paths[0], dpi=dpi, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None})  # no timestamp: reruns diff clean
     return paths
 
 

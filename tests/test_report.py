@@ -327,6 +327,10 @@ def test_render_writes_report_verdicts_and_figures(tmp_path):
     for png in figures:
         _png_ok(png)
         assert f"figures/{png.name}" in text or png.stem == "claims_forest"
+    # a rerun on the same results rewrites the same bytes (no SVG timestamp or random ids): git shows no diff
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    render_report(tmp_path / "results", tmp_path / "out", dpi=40)
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
 
 
 def test_cli_report_prints_the_claims_table(tmp_path):
