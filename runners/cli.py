@@ -208,7 +208,8 @@ def show_cmd(grid: str, budget: str, seeds: str | None, device: str, probe: bool
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, or cuda[:N].")
 @click.option("--out", "results", default="results", show_default=True, type=click.Path(),
               help="Results folder.")
-@click.option("--data-dir", type=click.Path(), help="Data cache folder (default: $ABLATE_DATA or ~/.cache/ablate/data).")
+@click.option("--data-dir", type=click.Path(),
+              help="Data cache folder (default: $ABLATE_DATA or ~/.cache/ablate/data).")
 @click.option("--dry-run", is_flag=True, help="Print the runs that would be trained, train nothing.")
 @click.option("--plain", is_flag=True, help="Plain progress lines even on a terminal.")
 @click.option("--no-wait", is_flag=True,
