@@ -69,10 +69,10 @@ def keep_freed_memory() -> bool:
 def compile_input(spec: RunSpec, n_train: int, device: torch.device) -> bool:
     """Compile the input pipeline (BatchAugmenter) for CPU runs that push at least COMPILED_INPUT_IMAGES
     training images through it. Compiling costs torch.compile's start-up once per process plus a fraction of a
-    second per pipeline (`ablate bench`: the compile_seconds of the compiled pipeline rows), and saves ~10 us
-    per image at the crop levels (its pipeline rows: ~50k eager vs ~115-145k images/s compiled, one thread).
-    That pays off from about a million images, and matters for the small convnet4 (~2.7k images/s), whose
-    input the eager pipeline slows by ~5%. On a GPU the eager pipeline is already far ahead of the model."""
+    second per pipeline (`ablate bench`: the compile_seconds of the compiled pipeline rows), and saves several
+    us per image at the crop levels (compare its eager and compiled pipeline rows, one thread). That pays off
+    from about a million images, and matters most for the small convnet4, whose step is only a few hundred us
+    per image. On a GPU the eager pipeline is already far ahead of the model."""
     return device.type == "cpu" and spec.epochs * n_train >= COMPILED_INPUT_IMAGES
 
 
