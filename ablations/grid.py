@@ -60,7 +60,8 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "loss_target": (0, True), "seed": (0, True),
 }
 UPPER: dict[str, float] = {"dropout": 0.99, "momentum": 0.999}
-CLAIM_KEYS = {"id", "paper_claim", "title", "metric", "axis", "a", "b", "effect", "paper", "tune", "fixed", "note"}
+CLAIM_KEYS = {"id", "paper_claim", "title", "metric", "axis", "a", "b", "effect", "paper", "tune", "fixed", "note",
+              "margin"}
 TOP_KEYS = {"title", "description", "seeds", "run", "axes", "zip", "early_stop", "budgets", "claims", "loss_target"}
 
 
@@ -262,6 +263,11 @@ def _check_claim(claim: Any, i: int, where: str, axis_values: dict[str, list]) -
         raise UserError(f"{at}: tune axis {claim['tune']!r} is not an axis of this grid")
     if "paper" in claim and (not isinstance(claim["paper"], (int, float)) or isinstance(claim["paper"], bool)):
         raise UserError(f"{at}: paper must be a number (omit it when the paper gives none)")
+    if "margin" in claim:
+        margin = claim["margin"]
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin <= 0 or "paper" in claim:
+            raise UserError(f"{at}: margin (an equivalence test: a and b differ by less than it) must be a number "
+                            f"> 0, and a claim has a paper number or a margin, not both; got {margin!r}")
     out = dict(claim)
     out.setdefault("paper_claim", claim["id"])
     out.setdefault("title", claim["id"])

@@ -27,6 +27,8 @@ INCONCLUSIVE = "inconclusive"
 SINGLE = "single seed: no interval"
 NO_DATA = "no data"
 MEASURED = "measured"
+EQUIVALENT = "equivalent"
+NOT_EQUIVALENT = "not equivalent"
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Claim:
     tune_metric: str | None = None  # the metric that picks the tune value (default: metric)
     per: float = 1.0  # the effect is divided by this (scaling efficiency = speed-up / N)
     secondary: bool = False  # a line the report adds under a declared claim
+    margin: float | None = None  # an equivalence claim: |a - b| < margin, in the claim's units (points)
 
     @property
     def reference(self) -> float:
@@ -82,6 +85,7 @@ class ClaimResult:
     notes: tuple[str, ...]
     dataset_label: str
     budget: str
+    precision: str = ""  # the precisions of the runs, as recorded (e.g. "bf16", "bf16, fp32")
 
     @property
     def split_label(self) -> str:
@@ -119,6 +123,8 @@ class ClaimResult:
         return f"{n} of {len(used)} {side_name(self.claim, value)} runs censored at {at}"
 
     def paper_text(self) -> str:
+        if self.claim.margin is not None:
+            return f"within ±{self.claim.margin:g}{self.claim.unit} (our margin)"
         return "no number" if self.claim.paper is None else fmt(self.claim.paper, self.claim)
 
     def row(self) -> dict[str, Any]:
@@ -127,13 +133,13 @@ class ClaimResult:
         return {"grid": self.grid, "claim": c.id, "paper_claim": c.paper_claim, "title": c.title,
                 "split": self.split_label, "secondary": c.secondary, "metric": c.metric, "axis": c.axis,
                 "a": canon(c.a), "b": canon(c.b), "effect": c.effect, "unit": c.unit.strip(),
-                "paper": c.paper, "estimate": iv.estimate * (100 if c.unit == "%" else 1),
+                "paper": c.paper, "margin": c.margin, "estimate": iv.estimate * (100 if c.unit == "%" else 1),
                 "lo": iv.lo * (100 if c.unit == "%" else 1), "hi": iv.hi * (100 if c.unit == "%" else 1),
                 "method": iv.method, "paired": self.paired, "n": self.n_text, "n_a": self.n_a, "n_b": self.n_b,
                 "bound": self.bound, "censored_a": self.censored_a, "censored_b": self.censored_b,
                 "tuned_a": self.tuned_a or "", "tuned_b": self.tuned_b or "", "verdict": self.verdict,
                 "paper_text": self.paper_text(), "ours": self.ours_text(), "notes": "; ".join(self.notes),
-                "dataset_label": self.dataset_label, "budget": self.budget,
+                "dataset_label": self.dataset_label, "budget": self.budget, "precision": self.precision,
                 "runs_a": " ".join(self.runs_a), "runs_b": " ".join(self.runs_b)}
 
 
@@ -167,7 +173,8 @@ def claims_of(grid: GridResults) -> list[Claim]:
     for c in raw:
         claim = Claim(id=c["id"], paper_claim=c.get("paper_claim") or c["id"], title=c.get("title") or c["id"],
                       metric=c["metric"], axis=c["axis"], a=c["a"], b=c["b"], effect=c["effect"],
-                      paper=c.get("paper"), tune=c.get("tune"), fixed=tuple(sorted((c.get("fixed") or {}).items())))
+                      paper=c.get("paper"), tune=c.get("tune"), fixed=tuple(sorted((c.get("fixed") or {}).items())),
+                      margin=c.get("margin"))
         out.append(claim)
         key = (claim.axis, canon(claim.a), canon(claim.b))
         if claim.metric == "epochs_to_target":
@@ -306,7 +313,8 @@ def _evaluate_row(grid: GridResults, claim: Claim, rows: pd.DataFrame,
                        tuned_a=tuned.get("a"), tuned_b=tuned.get("b"),
                        runs_a=tuple(used["a"].run_id), runs_b=tuple(used["b"].run_id),
                        verdict=qualify(verdict(iv, claim), bound, claim), bound=bound, notes=tuple(notes),
-                       dataset_label=grid.label("dataset_label"), budget=grid.label("budget"))
+                       dataset_label=grid.label("dataset_label"), budget=grid.label("budget"),
+                       precision=grid.label("precision"))
 
 
 def _lr_note(side: pd.DataFrame, tune: str) -> str:
@@ -321,7 +329,8 @@ def _empty(grid: GridResults, claim: Claim, split: tuple, why: str) -> ClaimResu
     return ClaimResult(grid=grid.name, claim=claim, split=split, interval=Interval(nan, nan, nan, 0, "none"),
                        paired=False, n_a=0, n_b=0, censored_a=0, censored_b=0, cap=nan, tuned_a=None, tuned_b=None,
                        runs_a=(), runs_b=(), verdict=NO_DATA, bound="", notes=(why,),
-                       dataset_label=grid.label("dataset_label"), budget=grid.label("budget"))
+                       dataset_label=grid.label("dataset_label"), budget=grid.label("budget"),
+                       precision=grid.label("precision"))
 
 
 # ---------------------------------------------------------------- verdicts
@@ -332,6 +341,13 @@ def verdict(iv: Interval, claim: Claim) -> str:
         return NO_DATA
     if not iv.has_interval:
         return SINGLE
+    if claim.margin is not None:  # equivalence: the whole interval inside (-margin, margin), or wholly outside
+        m, unit = claim.margin, claim.unit
+        if -m < iv.lo and iv.hi < m:
+            return f"{EQUIVALENT}: within ±{m:g}{unit}"
+        if iv.lo >= m or iv.hi <= -m:
+            return f"{NOT_EQUIVALENT}: differs by {m:g}{unit} or more"
+        return INCONCLUSIVE
     ref = claim.reference
     if claim.paper is None or claim.paper == ref:
         a, b = side_name(claim, claim.a), side_name(claim, claim.b)

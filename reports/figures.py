@@ -17,8 +17,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from reports.claims import (INCONCLUSIVE, MEASURED, NOT_REPRODUCED, REPRODUCED, SINGLE, SMALLER, ClaimResult,
-                            side_name)
+from reports.claims import (EQUIVALENT, INCONCLUSIVE, MEASURED, NOT_EQUIVALENT, NOT_REPRODUCED, REPRODUCED, SINGLE,
+                            SMALLER, ClaimResult, side_name)
 from reports.load import GridResults, canon, cell_label, display_axes
 from reports.stats import compare, mean_ci
 
@@ -28,7 +28,8 @@ RC = {**sns.axes_style("whitegrid"), "font.size": 11, "axes.titlesize": 12, "axe
       "svg.hashsalt": "ablate"}  # fixed SVG element ids (else random): an unchanged figure rewrites the same bytes
 PALETTE = sns.color_palette("colorblind")
 VERDICT_COLORS = {REPRODUCED: PALETTE[2], SMALLER: PALETTE[1], NOT_REPRODUCED: PALETTE[3],
-                  INCONCLUSIVE: PALETTE[7], SINGLE: PALETTE[4], MEASURED: PALETTE[0]}
+                  INCONCLUSIVE: PALETTE[7], SINGLE: PALETTE[4], MEASURED: PALETTE[0], EQUIVALENT: PALETTE[2],
+                  NOT_EQUIVALENT: PALETTE[3]}
 OVERFITTING_CLAIMS = {"dropout", "augment", "overlap-pool"}
 
 

@@ -14,8 +14,8 @@ from rich.table import Table
 
 from ablations.errors import UserError
 from ablations.grid import grid_names
-from reports.claims import (INCONCLUSIVE, MEASURED, NOT_REPRODUCED, REPRODUCED, SINGLE, SMALLER, ClaimResult,
-                            evaluate)
+from reports.claims import (EQUIVALENT, INCONCLUSIVE, MEASURED, NOT_EQUIVALENT, NOT_REPRODUCED, REPRODUCED, SINGLE,
+                            SMALLER, ClaimResult, evaluate)
 from reports.figures import forest_figure, grid_figures
 from reports.load import CENSORABLE, METRICS, GridResults, canon, coverage, display_axes, load_results
 from reports.stats import LEVEL, N_RESAMPLES, RNG_SEED, cell_summary
@@ -44,6 +44,9 @@ relu-6x has a row per condition.
   - *{INCONCLUSIVE}*: the interval contains r;
   - *{SINGLE}*: one seed (pair) only: the point estimate is shown and no verdict is possible;
   - *{MEASURED}*: the paper gives no number; the direction of the interval is stated ("measured: a > b").
+  A claim of ours with a margin m instead of a paper number (bf16 against fp32) is an equivalence test:
+  *{EQUIVALENT}* when the interval lies inside (-m, m), *{NOT_EQUIVALENT}* when it lies wholly at or beyond m on
+  one side, *{INCONCLUSIVE}* otherwise.
   A verdict on a censored bound is qualified when the truth beyond the bound could change it.
 """
 
@@ -146,6 +149,7 @@ def _grid_markdown(grid: GridResults, missing: list[str], figures: list[Path], c
         lines += [" ".join(str(meta["description"]).split()), ""]
     lines += [f"- Data set: {grid.label('dataset_label', 'dataset') or 'not recorded'}; budget: "
               f"{grid.label('budget') or '-'}; model: {meta.get('model', '-')}; epoch cap: {meta.get('epochs', '-')}",
+              "- Precision: " + _precision_counts(grid.runs),
               f"- Command that produced the runs: `{grid.command()}`",
               f"- Runs: " + (", ".join(f"{n} {s}" for s, n in grid.runs.status.value_counts().items())
                              if len(grid.runs) else "none"),
@@ -156,6 +160,14 @@ def _grid_markdown(grid: GridResults, missing: list[str], figures: list[Path], c
         lines += [f"Per cell, mean [95% CI] over seeds (full table: `cells_{grid.name}.csv`):", ""]
         lines += _cells_markdown(grid, cells)
     return lines
+
+
+def _precision_counts(runs: pd.DataFrame) -> str:
+    """How many runs trained in each precision (runs.csv's `precision` column), e.g. "bf16 (12 runs)"."""
+    if "precision" not in runs or not runs.precision.notna().any():
+        return "not recorded"
+    counts = runs.precision.value_counts().sort_index()
+    return ", ".join(f"{p} ({n} run{'s' * (n != 1)})" for p, n in counts.items())
 
 
 def _shown_metrics(grid: GridResults) -> list[str]:
@@ -210,7 +222,7 @@ def _num(x, k: float = 1) -> str:
 def claims_table(report: Report) -> Table:
     """The claims table for the terminal (rich)."""
     colors = {REPRODUCED: "green", SMALLER: "yellow", NOT_REPRODUCED: "red", INCONCLUSIVE: "white",
-              SINGLE: "magenta", MEASURED: "cyan"}
+              SINGLE: "magenta", MEASURED: "cyan", EQUIVALENT: "green", NOT_EQUIVALENT: "red"}
     labels = {"data set": {r.dataset_label or "-" for r in report.results},
               "budget": {r.budget or "-" for r in report.results}}
     common = [f"{k}: {next(iter(v))}" for k, v in labels.items() if len(v) == 1]  # said once, in the title

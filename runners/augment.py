@@ -222,8 +222,8 @@ def augment(x: torch.Tensor, stats: tuple[torch.Tensor, ...], preprocess: str, p
             memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """The training pipeline for given draws, run eagerly: compose_augment's numbers bit for bit in fewer passes
     over memory. It normalises and lights the batch in place inside a zero border (zero is the mean after
-    normalising), then one gather cuts each crop window, mirrored where flipped, straight into `memory_format`. (torch.compile turns a gather into a slow loop,
-    so the compiled path traces compose_augment instead.)"""
+    normalising), then one gather cuts each crop window, mirrored where flipped, straight into `memory_format`.
+    (torch.compile turns a gather into a slow loop, so the compiled path traces compose_augment instead.)"""
     if off is None and flip is None:  # no pixel moves
         return compose_augment(x, stats, preprocess, pad, pca_scale, alpha, off, flip, memory_format)
     st = InputStats(*stats)

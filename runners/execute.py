@@ -113,7 +113,7 @@ def write_grid_json(store: Store, grid: Grid, specs: list[RunSpec], budget: str,
         **grid.to_json(), "budget": budget, "overrides": overrides or {},
         "command": command or "ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "dataset": specs[0].dataset, "dataset_label": first.meta.get("label", specs[0].dataset),
-        "model": specs[0].model.arch, "epochs": specs[0].epochs,
+        "model": ", ".join(dict.fromkeys(s.model.arch for s in specs)), "epochs": specs[0].epochs,
         "run_seeds": sorted({s.seed for s in specs}),
         "axis_values": {a: list(dict.fromkeys(dict(s.axes)[a] for s in specs)) for a in grid.axis_names},
         "early_stop": ({"metric": specs[0].early_stop_metric, "below": specs[0].early_stop_below}

@@ -10,10 +10,10 @@ from ablations.grid import expand, grid_names, grid_path, load_grid, parse_grid
 from ablations.models import ModelSpec
 from ablations.spec import RunSpec
 
-SHIPPED = ["augmentation", "dropout", "gpus", "lrn", "pooling", "relu_vs_tanh", "smoke"]
+SHIPPED = ["augmentation", "dropout", "gpus", "lrn", "pooling", "precision", "relu_vs_tanh", "smoke"]
 
 
-def test_all_seven_grids_ship_and_load():
+def test_all_eight_grids_ship_and_load():
     assert grid_names() == SHIPPED
     for name in SHIPPED:
         grid = load_grid(name)
@@ -35,6 +35,18 @@ def test_relu_vs_tanh_expansion_and_conditions():
     # lr = the condition's base rate x lr_scale, and the lr column shows the effective rate
     s = next(s for s in modern if dict(s.axes)["lr_scale"] == 4.0)
     assert s.lr == pytest.approx(0.08) and dict(s.axes)["lr"] == pytest.approx(0.08)
+
+
+def test_precision_grid_pairs_fp32_and_bf16_runs_of_each_model_by_seed():
+    specs = expand(load_grid("precision"), "cpu")
+    assert len(specs) == 12  # 2 precisions x 2 models x 3 seeds
+    cells = {(s.precision, s.model.arch, s.seed) for s in specs}
+    assert cells == {(p, a, seed) for p in ("fp32", "bf16") for a in ("alexnet", "convnet4") for seed in (0, 1, 2)}
+    for fp32 in (s for s in specs if s.precision == "fp32"):  # the bf16 twin differs in precision alone
+        twin = dataclasses.replace(fp32, precision="bf16", axes=(), grid="")
+        assert any(dataclasses.replace(s, axes=(), grid="") == twin for s in specs)
+    (claim,) = load_grid("precision").claims
+    assert claim["margin"] == 1.0 and claim["paper"] is None
 
 
 def test_budget_and_overrides():
@@ -109,6 +121,10 @@ BAD_SPECS = [
      "a = true\nb = 'maybe'\neffect = 'difference'\n", "b = 'maybe' is not a value"),
     ("[axes]\nlrn = [true, false]\n[[claims]]\nid = 'x'\nmetric = 'test_error'\naxis = 'lrn'\n"
      "a = true\nb = false\neffect = 'sum'\n", "effect must be"),
+    ("[axes]\nlrn = [true, false]\n[[claims]]\nid = 'x'\nmetric = 'test_error'\naxis = 'lrn'\n"
+     "a = true\nb = false\neffect = 'difference'\nmargin = -1.0\n", "margin .* must be a number > 0"),
+    ("[axes]\nlrn = [true, false]\n[[claims]]\nid = 'x'\nmetric = 'test_error'\naxis = 'lrn'\n"
+     "a = true\nb = false\neffect = 'difference'\nmargin = 1.0\npaper = 1.4\n", "a paper number or a margin"),
     ("[run\n", "not valid TOML"),
 ]
 

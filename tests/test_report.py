@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from ablations.errors import UserError
-from reports.claims import (INCONCLUSIVE, MEASURED, NOT_REPRODUCED, REPRODUCED, SINGLE, SMALLER, evaluate,
-                            split_axes, keyed, claims_of)
+from reports.claims import (EQUIVALENT, INCONCLUSIVE, MEASURED, NOT_EQUIVALENT, NOT_REPRODUCED, REPRODUCED, SINGLE,
+                            SMALLER, Claim, evaluate, split_axes, keyed, claims_of, verdict)
 from reports.load import load_grid, load_results
-from reports.stats import bootstrap, compare, mean_ci, paired_ratio, t_critical
+from reports.stats import Interval, bootstrap, compare, mean_ci, paired_ratio, t_critical
 
 # ---------------------------------------------------------------- the builder
 
@@ -65,7 +65,8 @@ def write_grid(root: Path, name: str, runs: list[dict], claims: list[dict], *, e
                      "reached_target": reached if target else None,
                      "epochs_to_loss": r.get("epochs_to_loss"), "loss_target": loss_target,
                      "wall_seconds": float(cum[-1]) + 5, "train_seconds": float(cum[-1]), "images_per_second": ips,
-                     "dataset": dataset, "dataset_label": label, "precision": "bf16", "device": "cpu",
+                     "dataset": dataset, "dataset_label": label, "precision": r.get("precision", "bf16"),
+                     "device": "cpu",
                      "device_name": "test cpu", "devices": r.get("devices", 1), "world_size": r.get("devices", 1),
                      "torch_version": "2.14.1", "width": 1.0, "subset": None, "budget": budget,
                      "model_params": 1000, "flops_per_image": 1e6})
@@ -181,6 +182,46 @@ def test_difference_verdicts(tmp_path, effect, expected):
     (r,) = evaluate(load_grid(tmp_path, "lrn"))
     assert r.interval.estimate == pytest.approx(effect, abs=0.15)  # in percentage points
     assert r.verdict == expected
+
+
+PARITY_CLAIM = {"id": "bf16-parity", "title": "bf16 within 1 point", "metric": "test_error", "axis": "precision",
+                "a": "bf16", "b": "fp32", "effect": "difference", "margin": 1.0}
+
+
+def precision_runs(seeds, effect_points, noise_points, rng_seed=2):
+    rng = np.random.default_rng(rng_seed)
+    runs = []
+    for seed in seeds:
+        base = 0.30 + 0.03 * rng.standard_normal()  # the seed's own level, shared by its fp32 and bf16 runs
+        for precision in ("fp32", "bf16"):
+            shift = effect_points / 100 if precision == "bf16" else 0.0
+            err = base + shift + noise_points / 100 * rng.standard_normal()
+            runs.append({"precision": precision, "seed": seed, "test_error": err, "train_error": err - 0.05})
+    return runs
+
+
+@pytest.mark.parametrize("effect, noise, expected", [(0.1, 0.05, EQUIVALENT), (3.0, 0.05, NOT_EQUIVALENT),
+                                                     (-3.0, 0.05, NOT_EQUIVALENT), (0.5, 2.0, INCONCLUSIVE)])
+def test_a_margin_claim_is_an_equivalence_test(tmp_path, effect, noise, expected):
+    write_grid(tmp_path, "precision", precision_runs(range(3), effect, noise), [PARITY_CLAIM], target=None)
+    (r,) = evaluate(load_grid(tmp_path, "precision"))
+    assert r.interval.estimate == pytest.approx(effect, abs=0.1 + 2 * noise)
+    assert r.verdict.split(":")[0] == expected and r.paper_text() == "within ±1 pts (our margin)"
+    row = r.row()
+    assert row["margin"] == 1.0 and row["precision"] == "bf16, fp32" and math.isnan(row["paper"] or math.nan)
+
+
+def test_equivalence_needs_the_whole_interval_strictly_inside_the_margin():
+    claim = Claim(id="p", paper_claim="p", title="p", metric="test_error", axis="precision", a="bf16", b="fp32",
+                  effect="difference", margin=1.0)
+
+    def v(lo, hi):
+        return verdict(Interval((lo + hi) / 2, lo, hi, 3, "paired t"), claim).split(":")[0]
+
+    assert v(-0.9, 0.9) == EQUIVALENT
+    assert v(-1.0, 0.5) == INCONCLUSIVE and v(0.2, 1.0) == INCONCLUSIVE  # touching the margin is not inside
+    assert v(1.0, 2.0) == NOT_EQUIVALENT and v(-3.0, -1.0) == NOT_EQUIVALENT
+    assert v(-1.5, 1.5) == INCONCLUSIVE
 
 
 def test_censored_runs_count_at_the_cap_and_make_a_lower_bound(tmp_path):
@@ -314,8 +355,10 @@ def test_render_writes_report_verdicts_and_figures(tmp_path):
     assert "lrn: 1 of 3 seeds" in text and "pooling: no runs" in text
     assert "augmentation: no runs (`ablate run --grid augmentation`)" in text  # shipped, never run
     assert "`ablate run --grid relu_vs_tanh --budget cpu`" in text and "CIFAR-10 (synthetic test copy)" in text
+    assert "- Precision: bf16 (24 runs)" in text  # relu_vs_tanh: 2 conditions x 3 seeds x 2 activations x 2 lrs
     verdicts = pd.read_csv(tmp_path / "out" / "verdicts.csv")
-    assert {"claim", "split", "paper", "estimate", "lo", "hi", "verdict", "n", "dataset_label"} <= set(verdicts)
+    assert {"claim", "split", "paper", "estimate", "lo", "hi", "verdict", "n", "dataset_label", "precision",
+            "margin"} <= set(verdicts)
     assert set(verdicts.claim) >= {"relu-6x", "lrn", "dropout", "data-parallel", "data-parallel/efficiency",
                                    "overlap-pool"}
     assert verdicts.set_index("claim").loc["lrn", "verdict"] == SINGLE
