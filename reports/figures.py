@@ -292,6 +292,9 @@ def forest_figure(results: list[ClaimResult], out_dir: Path, dpi: int, name: str
                 if c.paper is not None:
                     ax.scatter(c.paper, y, marker="D", s=55, zorder=4, facecolors="none", edgecolors="black",
                                linewidths=1.4)
+                if c.margin is not None:  # an equivalence claim: its interval must fit between the two ticks
+                    ax.scatter([-c.margin, c.margin], [y, y], marker="|", s=260, zorder=2, color="0.35",
+                               linewidths=1.6)
             ax.axvline(1.0 if "ratio" in title else 0.0, color="0.3", lw=1.1, ls="--")
             if "ratio" in title:
                 _log_ratio_axis(ax)
@@ -303,6 +306,9 @@ def forest_figure(results: list[ClaimResult], out_dir: Path, dpi: int, name: str
                           mfc="white" if k == SINGLE else VERDICT_COLORS[k], label=k) for k in seen]
         handles += [Line2D([], [], color="black", marker="D", mfc="none", ls="none", label="paper's number"),
                     Line2D([], [], color="0.4", marker=">", ls="none", label="≥ lower bound (censored runs)")]
+        if any(r.claim.margin is not None for r in rows):
+            handles.append(Line2D([], [], color="0.35", marker="|", ms=14, mew=1.6, ls="none",
+                                  label="± equivalence margin"))
         fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
         labels = sorted({r.dataset_label for r in rows if r.dataset_label})
         fig.suptitle(_wrap(f"Every claim: the paper's effect vs ours (95% CI over seeds) - {', '.join(labels)}", 90))
