@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from ablations.models import build_model, count_params, train_flops_per_image
 from ablations.spec import RunSpec
@@ -419,8 +420,9 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
                     save_checkpoint_rotating(run_dir, state)
                     atomic_write_text(run_dir / "epochs.csv", rows_csv(rows, EPOCH_COLUMNS))
                     last_saved, unsaved = time.perf_counter(), None
-                elif stop_reason == "epochs" and epoch < spec.epochs:  # written if Ctrl-C stops the run
-                    unsaved = _cloned(state)  # a copy: the next epoch trains the live tensors on
+                elif stop_reason == "epochs" and epoch < spec.epochs:  # written if Ctrl-C stops the run; a copy,
+                    # because the next epoch trains the live tensors on
+                    unsaved = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, state)
                 else:  # the run's last epoch: nothing trains after it, so the live tensors stay its state
                     unsaved = state
             if on_epoch is not None:
@@ -454,19 +456,6 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
             for name in ("checkpoint.pt", "checkpoint.prev.pt"):
                 (run_dir / name).unlink(missing_ok=True)
     return RunResult(spec.run_id, status, stop_reason, rows, summary, error)
-
-
-def _cloned(state):
-    """A copy of a checkpoint state with every tensor cloned (dicts, lists and tuples rebuilt, the rest shared)."""
-    if isinstance(state, torch.Tensor):
-        return state.clone()
-    if isinstance(state, dict):
-        return {k: _cloned(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_cloned(v) for v in state]
-    if isinstance(state, tuple):
-        return tuple(_cloned(v) for v in state)
-    return state
 
 
 def save_checkpoint_rotating(run_dir: Path, state: dict) -> None:
