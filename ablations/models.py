@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ablations.choices import DROPOUT_AT, POOLINGS
 from ablations.errors import UserError
 
 IMAGE_SHAPE = (3, 32, 32)
@@ -32,8 +33,9 @@ class ModelSpec:
     arch: str = "alexnet"  # "alexnet" | "convnet4"
     num_classes: int = 10  # 10 (CIFAR-10) | 100 (CIFAR-100)
     activation: str = "relu"  # a key of ACTIVATIONS
-    dropout: float = 0.0  # alexnet: p before fc1 and fc2 (0 = off; the paper used 0.5)
-    pooling: str = "overlap"  # alexnet: "overlap" (3x3 stride 2) | "nonoverlap" (2x2 stride 2), all max-pools
+    dropout: float = 0.0  # alexnet: p in the first two FC layers (0 = off; the paper used 0.5)
+    dropout_at: str = "outputs"  # alexnet: "outputs" of fc1 and fc2 (the paper, Caffe) | "inputs" (seed, torchvision)
+    pooling: str = "overlap"  # alexnet: a key of POOLINGS
     lrn: bool = False  # alexnet: paper LRN in conv1, conv2; convnet4: True = layers-18pct, False = layers-19pct
     width: float = 1.0  # multiplies conv channels and FC widths
     towers: int = 1  # alexnet: 2 = the paper's two columns (conv2, conv4, conv5 grouped)
@@ -53,8 +55,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": lambda: nn.GELU(),
 }
 
-# (kernel, stride) of every alexnet max-pool. Paper §3.4: z=3, s=2 overlaps; z=s=2 is the usual pooling.
-POOLINGS: dict[str, tuple[int, int]] = {"overlap": (3, 2), "nonoverlap": (2, 2)}
+# POOLINGS and DROPOUT_AT (ablations/choices.py) name the pooling layouts and the dropout placements.
 # Max-pooling ReLUs equals ReLU of the max-pool, bit for bit in any precision, and the gradient reaches the same
 # input (the window's argmax, or none when the max is not positive). alexnet pools first where nothing sits
 # between the two: ReLU and its backward then touch a quarter of the pixels. Not for the others: leaky_relu's
@@ -75,7 +76,7 @@ PAPER_INIT: dict[str, dict[str, tuple[float, float]]] = {
 
 INITS = ("default", "paper")
 TOWERS = (1, 2)
-ALEXNET_ONLY = ("dropout", "pooling", "towers", "half_kernels")  # convnet4 rejects these
+ALEXNET_ONLY = ("dropout", "dropout_at", "pooling", "towers", "half_kernels")  # convnet4 rejects these
 ALEXNET_CHANNELS = (64, 192, 384, 256, 256)  # the seed chapter's CIFAR AlexNet
 ALEXNET_PADDING = (2, 2, 1, 1, 1)
 ALEXNET_FC = 2048
@@ -256,7 +257,7 @@ def _alexnet(spec: ModelSpec) -> Net:
     """The seed's CIFAR AlexNet. With towers=2, conv2, conv4 and conv5 see only their own column (groups=2) while
     conv1, conv3 and the FC layers see both, as in the paper's Figure 2."""
     act = ACTIVATIONS[spec.activation]
-    kernel, stride = POOLINGS[spec.pooling]
+    pools = dict(zip((1, 2, 5), POOLINGS[spec.pooling]))
     groups = (1, spec.towers, 1, spec.towers, spec.towers)
     lrn = (lambda: ColumnLRN(spec.towers)) if spec.towers > 1 else paper_lrn
     layers: list[tuple[str, nn.Module]] = []
@@ -266,7 +267,8 @@ def _alexnet(spec: ModelSpec) -> Net:
         if spec.lrn and i in (1, 2):  # paper §3.3: after the ReLU, before the pooling
             block.append((f"lrn{i}", lrn()))
         if i in (1, 2, 5):
-            pool = (f"pool{i}", nn.MaxPool2d(kernel, stride))
+            kernel, stride, ceil = pools[i]
+            pool = (f"pool{i}", nn.MaxPool2d(kernel, stride, ceil_mode=ceil))
             pool_first = spec.activation in POOL_FIRST and len(block) == 1  # the same maths; see POOL_FIRST
             block = [pool, *block] if pool_first else [*block, pool]
         layers += [(f"conv{i}", Conv2d(c_in, c, 3, padding=pad, groups=g)), *block]
@@ -274,11 +276,13 @@ def _alexnet(spec: ModelSpec) -> Net:
     features = nn.Sequential(OrderedDict(layers))
     fc = scaled(ALEXNET_FC, spec.width)
     drop = (lambda: nn.Dropout(spec.dropout)) if spec.dropout > 0 else nn.Identity
-    classifier = nn.Sequential(OrderedDict([
-        ("drop1", drop()), ("fc1", nn.Linear(_flat_size(features), fc)), ("act6", act()),
-        ("drop2", drop()), ("fc2", nn.Linear(fc, fc)), ("act7", act()),
-        ("fc3", nn.Linear(fc, spec.num_classes)),
-    ]))
+    fc1, fc2 = [("fc1", nn.Linear(_flat_size(features), fc)), ("act6", act())], [("fc2", nn.Linear(fc, fc)),
+                                                                                 ("act7", act())]
+    if spec.dropout_at == "inputs":  # the seed's and torchvision's placement: before fc1 and fc2
+        layers = [("drop1", drop()), *fc1, ("drop2", drop()), *fc2]
+    else:  # the paper's (§4.2) and Caffe's drop6/drop7: on the outputs of fc1 and fc2
+        layers = [*fc1, ("drop1", drop()), *fc2, ("drop2", drop())]
+    classifier = nn.Sequential(OrderedDict([*layers, ("fc3", nn.Linear(fc, spec.num_classes))]))
     return Net(features, classifier)
 
 
@@ -340,6 +344,7 @@ def validate(spec: ModelSpec) -> None:
     _choice("arch", spec.arch, tuple(ARCHS))
     _choice("activation", spec.activation, tuple(ACTIVATIONS))
     _choice("pooling", spec.pooling, tuple(POOLINGS))
+    _choice("dropout_at", spec.dropout_at, DROPOUT_AT)
     _choice("init", spec.init, INITS)
     _choice("towers", spec.towers, TOWERS)
     if not isinstance(spec.num_classes, int) or spec.num_classes < 2:

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from ablations.choices import DROPOUT_AT, POOLINGS
 from ablations.errors import UserError
 
 
@@ -313,9 +314,12 @@ def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results
               help="alexnet: the paper's LRN in conv1, conv2; convnet4: layers-18pct same-map rnorm.")
 @click.option("--towers", default=1, show_default=True, type=int, help="alexnet: 2 = the paper's two columns.")
 @click.option("--half-kernels", is_flag=True, help="alexnet: the paper's one-GPU net (half the conv1-4 kernels).")
-@click.option("--dropout", default=0.0, show_default=True, type=float, help="alexnet: p before fc1 and fc2.")
-@click.option("--pooling", default="overlap", show_default=True,
-              help="alexnet: overlap (3x3 s2) or nonoverlap (2x2 s2).")
+@click.option("--dropout", default=0.0, show_default=True, type=float, help="alexnet: p in fc1 and fc2.")
+@click.option("--dropout-at", default="outputs", show_default=True, type=click.Choice(DROPOUT_AT),
+              help="alexnet: dropout on the outputs of fc1 and fc2 (the paper) or on their inputs (the seed).")
+@click.option("--pooling", default="overlap", show_default=True, type=click.Choice(tuple(POOLINGS)),
+              help="alexnet: overlap (3x3 s2, the paper), nonoverlap (2x2 s2; the same map sizes) or seed "
+                   "(2x2, 2x2, 3x3 s2).")
 @click.option("--activation", default="relu", show_default=True, help="relu, tanh, leaky_relu or gelu.")
 @click.option("--width", default=1.0, show_default=True, type=float, help="Multiplies conv channels and FC widths.")
 @click.option("--classes", "num_classes", default=10, show_default=True, type=int, help="10 or 100.")

@@ -200,8 +200,9 @@ def test_reference_alexnet_has_the_seed_layouts_flops():
     out = AlexNet()(torch.zeros(2, 3, 32, 32))
     assert out.shape == (2, 10)
     assert bench.reference_flops_per_image() == train_flops_per_image(bench.SEED_ALEXNET), \
-        "same convs and FCs; only the last pool differs (3x3/2 vs 2x2, both 9x9 -> 4x4)"
-    assert train_flops_per_image(bench.SUITE_ALEXNET) < train_flops_per_image(bench.SEED_ALEXNET)
+        "the same convs, FCs and pools"
+    assert train_flops_per_image(bench.SUITE_ALEXNET) == train_flops_per_image(bench.SEED_ALEXNET), \
+        "the pools give the same map sizes, so the suite's overlapping net costs what the seed's does"
 
 
 @pytest.mark.parametrize("groups,bf16", [(1, False), (1, True), (2, True)])

@@ -102,15 +102,16 @@ def alexnet_params(channels, groups, fc_in, fc, classes) -> int:
 
 def test_alexnet_one_column_matches_seed_layout():
     c = (64, 192, 384, 256, 256)
-    expected = alexnet_params(c, (1,) * 5, 256 * 3 * 3, 2048, 10)
+    expected = alexnet_params(c, (1,) * 5, 256 * 4 * 4, 2048, 10)
     assert count_params(build_model(ModelSpec())) == expected
+    assert count_params(build_model(ModelSpec(pooling="seed"))) == expected
 
 
 @pytest.mark.parametrize("width, c", [(1.0, (64, 192, 384, 256, 256)), (0.25, (16, 48, 96, 64, 64))])
 def test_towers_param_count_is_grouped_layout(width, c):
     model = build_model(ModelSpec(width=width, towers=2))
     fc = round(2048 * width)
-    assert count_params(model) == alexnet_params(c, (1, 2, 1, 2, 2), c[4] * 9, fc, 10)
+    assert count_params(model) == alexnet_params(c, (1, 2, 1, 2, 2), c[4] * 16, fc, 10)
     # conv2, conv4 and conv5 each lose exactly half their weights against one column; nothing else changes
     one_column = count_params(build_model(ModelSpec(width=width)))
     assert one_column - count_params(model) == 9 * (c[0] * c[1] + c[2] * c[3] + c[3] * c[4]) // 2
@@ -120,15 +121,57 @@ def test_towers_param_count_is_grouped_layout(width, c):
 def test_half_kernels_param_count():
     c = (32, 96, 192, 128, 256)  # conv1-conv4 halved, conv5 and the FC layers kept (paper footnote 2)
     model = build_model(ModelSpec(half_kernels=True, num_classes=100))
-    assert count_params(model) == alexnet_params(c, (1,) * 5, 256 * 3 * 3, 2048, 100)
+    assert count_params(model) == alexnet_params(c, (1,) * 5, 256 * 4 * 4, 2048, 100)
 
 
-@pytest.mark.parametrize("width, pooling, fc_in", [(1.0, "overlap", 256 * 3 * 3), (1.0, "nonoverlap", 256 * 4 * 4),
-                                                  (0.5, "overlap", 128 * 3 * 3), (0.5, "nonoverlap", 128 * 4 * 4)])
-def test_fc_input_follows_pooling(width, pooling, fc_in):
+@pytest.mark.parametrize("width", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("pooling", list(POOLINGS))
+def test_every_pooling_gives_the_same_map_sizes_and_fc_input(width, pooling):
+    """Paper §3.4: overlapping 3x3/2 against 2x2/2 "which produces output of equivalent dimensions"; the arms differ
+    in the overlap only."""
     model = build_model(ModelSpec(width=width, pooling=pooling))
-    assert model.classifier.fc1.in_features == fc_in
-    assert all(m.kernel_size == POOLINGS[pooling][0] for m in model.modules() if isinstance(m, nn.MaxPool2d))
+    assert model.classifier.fc1.in_features == round(256 * width) * 4 * 4
+    shapes, x = [], torch.zeros(1, 3, 32, 32)
+    for name, layer in model.features.named_children():
+        x = layer(x)
+        if name.startswith("pool"):
+            shapes.append(tuple(x.shape[2:]))
+    assert shapes == [(17, 17), (9, 9), (4, 4)]
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    assert [(m.kernel_size, m.stride, m.ceil_mode) for m in pools] == list(POOLINGS[pooling])
+    assert count_params(model) == count_params(build_model(ModelSpec(width=width, pooling="nonoverlap")))
+
+
+def test_overlapping_pools_overlap_and_nonoverlapping_do_not():
+    """A single bright pixel on a window border reaches two outputs of a 3x3/2 pool and one of a 2x2/2 pool."""
+    x = torch.zeros(1, 1, 6, 6)
+    x[0, 0, 2, 2] = 1.0
+    overlap = nn.MaxPool2d(*POOLINGS["overlap"][0][:2], ceil_mode=True)(x)
+    plain = nn.MaxPool2d(*POOLINGS["nonoverlap"][0][:2])(x)
+    assert int(overlap.sum()) == 4 and int(plain.sum()) == 1
+
+
+@pytest.mark.parametrize("placement, after", [("outputs", ["fc1", "act6", "drop1", "fc2", "act7", "drop2", "fc3"]),
+                                              ("inputs", ["drop1", "fc1", "act6", "drop2", "fc2", "act7", "fc3"])])
+def test_dropout_placement(placement, after):
+    """The paper (and Caffe's drop6/drop7) drops the outputs of fc1 and fc2; the seed and torchvision their inputs."""
+    model = build_model(ModelSpec(width=0.25, dropout=0.5, dropout_at=placement))
+    assert [n for n, _ in model.classifier.named_children()] == after
+    for fc in (model.classifier.fc1, model.classifier.fc2):  # every unit positive, so only dropout makes zeros
+        nn.init.constant_(fc.weight, 1e-3)
+        nn.init.constant_(fc.bias, 1.0)
+    feats = torch.ones(256, model.classifier.fc1.in_features)
+    upto = model.classifier[:-1]  # everything before fc3
+    with torch.no_grad():
+        clean = upto.eval()(feats)
+        torch.manual_seed(0)
+        dropped = upto.train()(feats)
+    zeros = float((dropped == 0).float().mean())
+    if placement == "outputs":  # fc2's outputs are dropped: about half exactly zero, the rest scaled by 1 / (1 - p)
+        assert 0.45 < zeros < 0.55
+        assert float(dropped.max()) > 1.5 * float(clean.max())  # inverted dropout scales the kept units up
+    else:  # the inputs are dropped: every output stays positive
+        assert zeros == 0
 
 
 def test_convnet4_layout_and_cuda_convnet_pooling():
