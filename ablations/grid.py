@@ -15,9 +15,10 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ablations.errors import UserError
+from ablations.choices import DECAY_ON, DROPOUT_AT
 from ablations.models import ACTIVATIONS, ARCHS, INITS, POOLINGS, TOWERS, ModelSpec, validate
 from ablations.spec import AUGMENT, DATASETS, PRECISIONS, PREPROCESS, SCHEDULES, RunSpec
 
@@ -41,6 +42,8 @@ CHOICES: dict[str, tuple] = {
     "arch": tuple(ARCHS),
     "activation": tuple(ACTIVATIONS),
     "pooling": tuple(POOLINGS),
+    "dropout_at": DROPOUT_AT,
+    "decay_on": DECAY_ON,
     "init": INITS,
     "towers": TOWERS,
     "dataset": tuple(DATASETS),
@@ -49,20 +52,23 @@ CHOICES: dict[str, tuple] = {
     "test_crops": (1, 10),
     "schedule": SCHEDULES,
     "precision": PRECISIONS,
-    "early_stop_metric": ("", "train_error", "train_loss", "test_error"),
+    "early_stop_metric": ("", "train_error", "train_loss", "val_error"),  # never test_error: test decides nothing
 }
 # (lowest allowed, whether the bound itself is allowed)
 BOUNDS: dict[str, tuple[float, bool]] = {
     "epochs": (1, True), "batch_size": (1, True), "lr": (0, False), "lr_scale": (0, False),
     "momentum": (0, True), "weight_decay": (0, True), "width": (0, False), "devices": (1, True),
-    "dropout": (0, True), "subset": (0, True), "test_subset": (0, True), "step_epochs": (1, True),
+    "dropout": (0, True), "subset": (0, True), "test_subset": (0, True), "val_size": (0, True), "step_epochs": (1, True),
     "plateau_patience": (0, True), "max_lr_drops": (0, True), "early_stop_below": (0, True),
     "loss_target": (0, True), "seed": (0, True),
 }
 UPPER: dict[str, float] = {"dropout": 0.99, "momentum": 0.999}
 CLAIM_KEYS = {"id", "paper_claim", "title", "metric", "axis", "a", "b", "effect", "paper", "tune", "fixed", "note",
               "margin"}
-TOP_KEYS = {"title", "description", "seeds", "run", "axes", "zip", "early_stop", "budgets", "claims", "loss_target"}
+TOP_KEYS = {"title", "description", "seeds", "run", "axes", "zip", "early_stop", "budgets", "claims", "loss_target",
+            "tune"}
+TUNE_KEYS = {"axis", "metric", "seeds"}
+TUNE_METRICS = ("epochs_to_target", "val_error", "val_loss")  # minimised; never a test metric
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Grid:
     zips: dict[str, dict[str, list]]  # name -> {key: values}, all of one length
     budgets: dict[str, dict[str, Any]]
     claims: tuple[dict[str, Any], ...]
+    tune: dict[str, Any] | None = None  # {"axis", "metric", "seeds"}: see ablations/tune.py
 
     @property
     def axis_names(self) -> list[str]:
@@ -88,7 +95,7 @@ class Grid:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "title": self.title, "description": self.description,
                 "axes": self.axis_names, "claims": list(self.claims), "seeds": list(self.seeds),
-                "budgets": sorted(self.budgets)}
+                "budgets": sorted(self.budgets), "tune": self.tune}
 
 
 def grid_dirs() -> list[Path]:
@@ -168,10 +175,21 @@ def parse_grid(name: str, path: Path) -> Grid:
         seen |= set(group) | {zname}
 
     seeds = raw.get("seeds", [0])
-    if (not isinstance(seeds, list) or not seeds
-            or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
-            or len(set(seeds)) != len(seeds)):
-        raise UserError(f"{where}: seeds: expected a non-empty list of distinct non-negative integers, got {seeds!r}")
+    _check_seeds(seeds, f"{where}: seeds")
+    tune = raw.get("tune")
+    if tune is not None:
+        _check_table(tune, where, "tune")
+        _no_unknown(tune, TUNE_KEYS, where, "tune key")
+        if tune.get("axis") not in axes:
+            raise UserError(f"{where}: tune.axis must name a Cartesian axis of this grid ({', '.join(axes)}), "
+                            f"got {tune.get('axis')!r}")
+        if tune.get("metric") not in TUNE_METRICS:
+            raise UserError(f"{where}: tune.metric must be one of {', '.join(TUNE_METRICS)} (the test split decides "
+                            f"nothing), got {tune.get('metric')!r}")
+        _check_seeds(tune.get("seeds"), f"{where}: tune.seeds")
+        if set(tune["seeds"]) & set(seeds):
+            raise UserError(f"{where}: tune.seeds (selection) and seeds (confirmation) must differ, so that the "
+                            f"effect is estimated on runs that did not choose the setting")
 
     budgets = raw.get("budgets", {})
     _check_table(budgets, where, "budgets")
@@ -179,6 +197,10 @@ def parse_grid(name: str, path: Path) -> Grid:
         _check_table(table, where, f"budgets.{bname}")
         for key, value in table.items():
             if key == "seeds":
+                _check_seeds(value, f"{where}: budgets.{bname}.seeds")
+                if tune is not None and set(value) & set(tune["seeds"]):
+                    raise UserError(f"{where}: budgets.{bname}.seeds overlap tune.seeds; confirmation seeds must "
+                                    f"differ from selection seeds")
                 continue
             if key == "axes":  # a budget may sweep fewer values of an existing Cartesian axis
                 _check_table(value, where, f"budgets.{bname}.axes")
@@ -192,7 +214,15 @@ def parse_grid(name: str, path: Path) -> Grid:
     axis_values = {**axes, **{k: v for g in zips.values() for k, v in g.items()}}
     claims = tuple(_check_claim(c, i, where, axis_values) for i, c in enumerate(raw.get("claims", [])))
     return Grid(name=name, path=path, title=raw.get("title", name), description=raw.get("description", ""),
-                seeds=tuple(seeds), base=base, axes=axes, zips=zips, budgets=budgets, claims=claims)
+                seeds=tuple(seeds), base=base, axes=axes, zips=zips, budgets=budgets, claims=claims,
+                tune=dict(tune) if tune is not None else None)
+
+
+def _check_seeds(seeds: Any, where: str) -> None:
+    if (not isinstance(seeds, list) or not seeds
+            or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise UserError(f"{where}: expected a non-empty list of distinct non-negative integers, got {seeds!r}")
 
 
 def _no_unknown(table: dict, allowed: set[str], where: str, what: str) -> None:
@@ -276,8 +306,13 @@ def _check_claim(claim: Any, i: int, where: str, axis_values: dict[str, list]) -
 
 
 def expand(grid: Grid, budget: str = "gpu", overrides: dict[str, Any] | None = None,
-           seeds: list[int] | None = None) -> list[RunSpec]:
-    """Every (axes x zips x seeds) combination as a RunSpec. Overrides (from the CLI) win over everything."""
+           seeds: list[int] | None = None,
+           chooser: Callable[[list[RunSpec]], Any | None] | None = None) -> list[RunSpec]:
+    """Every (axes x zips x seeds) combination as a RunSpec. Overrides (from the CLI) win over everything.
+
+    A grid with `[tune]`: every tune value on the selection seeds, then, per cell of the other axes, the
+    confirmation seeds at the value `chooser` picks from that cell's selection runs (None: not decided yet, so
+    those runs are not listed)."""
     overrides = dict(overrides or {})
     settings = dict(grid.base)
     if budget != "gpu":
@@ -301,7 +336,34 @@ def expand(grid: Grid, budget: str = "gpu", overrides: dict[str, Any] | None = N
             labels.update(dict(part) if isinstance(part, list) else {part[0]: part[1]})
         cells.append(labels)
     # seed-major order: a grid stopped half-way has whole replicates (every cell once) rather than some cells
-    return [_resolve(grid.name, settings, labels, overrides, seed) for seed in seeds for labels in cells]
+    if grid.tune is None:
+        return [_resolve(grid.name, settings, labels, overrides, seed) for seed in seeds for labels in cells]
+    axis = grid.tune["axis"]
+    groups: dict[tuple, list[dict]] = {}  # a cell of every other axis -> its labels for each tune value
+    for labels in cells:
+        groups.setdefault(tuple((k, repr(v)) for k, v in labels.items() if k != axis), []).append(labels)
+    selection = {key: [_resolve(grid.name, settings, labels, overrides, seed) for seed in grid.tune["seeds"]
+                       for labels in members] for key, members in groups.items()}
+    chosen = {key: chooser(specs) if chooser else None for key, specs in selection.items()}
+    confirmation = [_resolve(grid.name, settings, labels, overrides, seed) for seed in seeds
+                    for key, members in groups.items() for labels in members
+                    if chosen[key] is not None and repr(labels[axis]) == repr(chosen[key])]
+    first = [s for seed in grid.tune["seeds"] for specs in selection.values() for s in specs if s.seed == seed]
+    return first + confirmation
+
+
+def confirmation_count(grid: Grid, budget: str = "gpu", seeds: list[int] | None = None) -> int:
+    """How many confirmation runs a tuned grid will add once its selection is done."""
+    if grid.tune is None:
+        return 0
+    seeds = seeds if seeds is not None else list(grid.budgets.get(budget, {}).get("seeds", grid.seeds))
+    axes = {**grid.axes, **grid.budgets.get(budget, {}).get("axes", {})}
+    cells = 1
+    for k, v in axes.items():
+        cells *= 1 if k == grid.tune["axis"] else len(v)
+    for group in grid.zips.values():
+        cells *= len(next(iter(group.values())))
+    return cells * len(seeds)
 
 
 def _resolve(grid: str, settings: dict, labels: dict, overrides: dict, seed: int) -> RunSpec:
@@ -326,3 +388,6 @@ def _check_consistent(spec: RunSpec) -> None:
                         f"choose a batch size divisible by the device count")
     if spec.early_stop_metric and not spec.early_stop_below:
         raise UserError("early_stop needs `below`, e.g. below = 0.25")
+    if not spec.val_size and (spec.schedule == "plateau" or spec.early_stop_metric == "val_error"):
+        raise UserError(f"{spec.grid or 'this grid'}: the plateau schedule and a val_error early stop read the "
+                        f"validation split; set val_size (e.g. 5000 images held out of the training set)")

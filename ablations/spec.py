@@ -34,16 +34,18 @@ class RunSpec:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    decay_on: str = "weights"  # "weights" (the paper, cuda-convnet, Caffe: no decay on biases) | "all"
     schedule: str = "constant"
     step_epochs: int = 30  # schedule "step": divide by 10 every step_epochs
-    plateau_patience: int = 3  # schedule "plateau": epochs without test-error improvement before lr /= 10
+    plateau_patience: int = 3  # schedule "plateau": epochs without validation-error improvement before lr /= 10
     max_lr_drops: int = 3  # the paper divided the rate three times in all
     seed: int = 0
-    subset: int = 0  # train on the first `subset` images of a fixed shuffle (0 = all)
+    val_size: int = 0  # a class-stratified validation split held out of the training images (0 = none)
+    subset: int = 0  # train on the first `subset` images of a fixed shuffle of the rest (0 = all)
     test_subset: int = 0  # evaluate on the first `test_subset` test images (0 = all)
     devices: int = 1  # data-parallel processes (DDP); 1 = a plain process
     precision: str = "bf16"
-    early_stop_metric: str = ""  # e.g. "train_error"; "" = none
+    early_stop_metric: str = ""  # "train_error" (the running trace) | "train_loss" | "val_error"; "" = none
     early_stop_below: float = 0.0
     loss_target: float = 0.0  # record the first epoch whose train loss is below this (0 = none); never stops a run
 

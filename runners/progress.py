@@ -24,6 +24,9 @@ class PlainReporter:
     def grid(self, name: str, total: int, done: int) -> None:
         self._say(f"grid {name}: {total} runs, {done} already done, {total - done} to go")
 
+    def say(self, text: str) -> None:
+        self._say(text)
+
     def start_run(self, spec, i: int, total: int) -> None:
         self._t0 = time.perf_counter()
         self._say(f"[{i}/{total}] run {spec.run_id} {_label(dict(spec.axes), spec.seed)} "
@@ -33,7 +36,9 @@ class PlainReporter:
         pass
 
     def epoch(self, row: dict) -> None:
+        val = f"val err {row['val_error']:.4f} | " if row.get("val_error") == row.get("val_error") else ""
         self._say(f"  epoch {row['epoch']}: train loss {row['train_loss']:.4f} err {row['train_error']:.4f} | "
+                  f"clean {row.get('clean_train_error', float('nan')):.4f} | {val}"
                   f"test err {row['test_error']:.4f} top5 {row['test_error_top5']:.4f} | "
                   f"{row['images_per_second']:.0f} img/s {row['epoch_seconds']:.1f}s")
 

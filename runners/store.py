@@ -31,8 +31,12 @@ from runners.faults import fault_point
 
 FINISHED = ("finished", "diverged")  # a run in one of these states is never trained again
 TMP_MARK = ".tmp"  # a write goes to .<name>.tmp<pid> first
-EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "test_error_top5",
+EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "clean_train_loss",
+                 "clean_train_error", "predicted_classes", "test_loss", "test_error", "test_error_top5",
                  "epoch_seconds", "images_per_second", "cum_seconds"]
+# the running training error, TRACE_POINTS times per epoch (runners/train.py: trace_rows)
+TRACE_COLUMNS = ["epoch", "segment_wrong", "segment_loss_sum", "segment_images", "segment_error", "window_error",
+                 "window_loss"]
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING = ["epoch_seconds", "images_per_second", "cum_seconds", "wall_seconds", "train_seconds",
           "seconds_to_target", "threads", "host"]
 RUN_COLUMNS = ["run_id", "grid", "status", "stop_reason", "activation", "lrn", "seed", "epochs", "epochs_run",
-               "train_loss", "train_error", "test_loss", "test_error", "test_error_top5", "best_test_error",
+               "train_loss", "train_error", "test_loss", "test_error", "test_error_top5", "val_error",
+               "clean_train_error", "learned", "test_error_at_best_val",
                "epochs_to_target", "seconds_to_target", "reached_target", "wall_seconds", "images_per_second",
                "dataset", "dataset_label", "precision", "device", "devices", "torch_version", "budget"]
 

@@ -31,7 +31,7 @@ def test_train_step(benchmark, data, case):
     model, precision = STEPS[case]
     step = train_calls(model, data, BATCH, precision, CPU)(1)  # one batch per call
     step()  # warm-up: oneDNN builds its kernels on the first call
-    loss_sum, wrong, seen = benchmark.pedantic(step, rounds=10, warmup_rounds=1)
+    loss_sum, wrong, seen, _ = benchmark.pedantic(step, rounds=10, warmup_rounds=1)
     benchmark.extra_info["images_per_call"] = BATCH
     assert seen == BATCH and torch.isfinite(loss_sum) and 0 <= int(wrong) <= BATCH
 
