@@ -4,23 +4,25 @@ Safe to run twice at once on the same results folder: the run locks decide who t
 aggregates are regenerated under a grid lock. Safe to kill at any moment: rerun the same command."""
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ablations.errors import UserError
 from ablations.grid import Grid, expand, load_grid
+from ablations.tune import pick
 from ablations.spec import RunSpec
 from runners.data import load_dataset, resolve_data_dir
 from runners.progress import PlainReporter
 from runners.faults import fault_point
-from runners.store import RunLock, Store, atomic_write_json, remove_stale_temps
+from runners.store import FINISHED, RunLock, Store, atomic_write_json, remove_stale_temps
 from runners.train import pick_device, train_run
 
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_BUSY = 0, 3, 75
@@ -46,9 +48,32 @@ class GridOutcome:
 
 
 def plan(grid_name: str, budget: str = "gpu", overrides: dict | None = None,
-         seeds: list[int] | None = None) -> tuple[Grid, list[RunSpec]]:
+         seeds: list[int] | None = None, store: Store | None = None) -> tuple[Grid, list[RunSpec]]:
+    """The grid's runs. For a tuned grid, the confirmation runs of each cell whose selection runs are all done in
+    `store` (none without a store)."""
     grid = load_grid(grid_name)
-    return grid, expand(grid, budget=budget, overrides=overrides, seeds=seeds)
+    chooser = store_chooser(store, grid) if store is not None and grid.tune else None
+    return grid, expand(grid, budget=budget, overrides=overrides, seeds=seeds, chooser=chooser)
+
+
+def store_chooser(store: Store, grid: Grid) -> Callable[[list[RunSpec]], Any]:
+    """ablations/tune.pick over a cell's finished selection runs, or None while any of them is not done. A run that
+    never reached its target counts at its epoch cap; a diverged run never wins on an error metric."""
+    axis, metric = grid.tune["axis"], grid.tune["metric"]
+
+    def choose(specs: list[RunSpec]) -> Any:
+        scores = []
+        for s in specs:
+            summary = store.summary(grid.name, s.run_id)
+            if summary is None or summary.get("status") not in FINISHED:
+                return None
+            m = summary["metrics"]
+            value = m.get(metric)
+            if value is None or not math.isfinite(float(value)):
+                value = float(s.epochs) if metric == "epochs_to_target" else math.inf
+            scores.append((dict(s.axes)[axis], float(value), m.get("train_error")))
+        return pick(scores)
+    return choose
 
 
 def check_devices(specs: list[RunSpec], device: torch.device) -> None:
@@ -70,8 +95,8 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
     Runs locked by another live process are waited for (or, with wait_for_others=False, left to it), so
     when this returns the grid is complete unless runs failed."""
     reporter = reporter or PlainReporter()
-    grid, specs = plan(grid_name, budget, overrides, seeds)
     store = Store(Path(results))
+    grid, specs = plan(grid_name, budget, overrides, seeds, store)
     store.check_writable()
     dev = pick_device(device)
     check_devices(specs, dev)
@@ -85,6 +110,7 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
     reporter.grid(grid.name, len(specs), done)
     context = {"budget": budget, "overrides": overrides or {}}
     pending = list(enumerate(specs, 1))
+    planned = {s.run_id for s in specs}
     while pending:
         waiting = []
         for i, spec in pending:
@@ -98,6 +124,16 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
         if waiting:
             time.sleep(poll_s)  # another process holds these runs: wait for it to finish (or die) and look again
         pending = waiting
+        if not pending and grid.tune:  # a finished selection adds its confirmation runs
+            _, specs = plan(grid_name, budget, overrides, seeds, store)
+            new = [s for s in specs if s.run_id not in planned]
+            if new:
+                planned |= {s.run_id for s in new}
+                outcome.total = len(specs)
+                write_grid_json(store, grid, specs, budget, overrides, datasets, command)
+                reporter.say(f"grid {grid.name}: selection done; {len(new)} confirmation runs at the chosen "
+                             f"{grid.tune['axis']}")
+                pending = [(i, s) for i, s in enumerate(specs, 1) if s.run_id in {n.run_id for n in new}]
     store.write_aggregates(grid.name)
     reporter.close()
     return outcome

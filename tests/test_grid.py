@@ -25,15 +25,15 @@ def test_all_eight_grids_ship_and_load():
 def test_relu_vs_tanh_expansion_and_conditions():
     grid = load_grid("relu_vs_tanh")
     specs = expand(grid)
-    assert len(specs) == 2 * 3 * 2 * 3  # activation x lr_scale x condition x seeds
+    assert len(specs) == 4 * 3 * 3  # (activation, condition) arms x lr_scale x selection seeds
     paper = [s for s in specs if dict(s.axes)["condition"] == "paper"]
     assert {s.preprocess for s in paper} == {"paper"} and {s.model.init for s in paper} == {"paper"}
     modern = [s for s in specs if dict(s.axes)["condition"] == "modern"]
     assert {s.preprocess for s in modern} == {"standard"} and {s.model.init for s in modern} == {"default"}
     assert all(s.model.arch == "convnet4" and s.weight_decay == 0 and s.augment == "none" for s in specs)
     assert all(s.early_stop_metric == "train_error" and s.early_stop_below == 0.25 for s in specs)
-    # lr = the condition's base rate x lr_scale, and the lr column shows the effective rate
-    s = next(s for s in modern if dict(s.axes)["lr_scale"] == 4.0)
+    # lr = the arm's centre rate x lr_scale, and the lr column shows the effective rate
+    s = next(s for s in modern if dict(s.axes)["lr_scale"] == 2.0 and s.model.activation == "tanh")
     assert s.lr == pytest.approx(0.08) and dict(s.axes)["lr"] == pytest.approx(0.08)
 
 
