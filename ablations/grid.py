@@ -64,9 +64,10 @@ BOUNDS: dict[str, tuple[float, bool]] = {
 }
 UPPER: dict[str, float] = {"dropout": 0.99, "momentum": 0.999}
 CLAIM_KEYS = {"id", "paper_claim", "title", "metric", "axis", "a", "b", "effect", "paper", "tune", "fixed", "note",
-              "margin"}
+              "margin", "regime", "paper_marks"}
+REGIMES = ("learning", "overfitting")  # overfitting: testable only where the unregularised side a over-fits
 TOP_KEYS = {"title", "description", "seeds", "run", "axes", "zip", "early_stop", "budgets", "claims", "loss_target",
-            "tune"}
+            "tune", "tests_paper"}
 TUNE_KEYS = {"axis", "metric", "seeds"}
 TUNE_METRICS = ("epochs_to_target", "val_error", "val_loss")  # minimised; never a test metric
 
@@ -84,6 +85,7 @@ class Grid:
     budgets: dict[str, dict[str, Any]]
     claims: tuple[dict[str, Any], ...]
     tune: dict[str, Any] | None = None  # {"axis", "metric", "seeds"}: see ablations/tune.py
+    tests_paper: bool = True  # False for a pipeline check (smoke): never in the claims table or the forest figure
 
     @property
     def axis_names(self) -> list[str]:
@@ -95,7 +97,7 @@ class Grid:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "title": self.title, "description": self.description,
                 "axes": self.axis_names, "claims": list(self.claims), "seeds": list(self.seeds),
-                "budgets": sorted(self.budgets), "tune": self.tune}
+                "budgets": sorted(self.budgets), "tune": self.tune, "tests_paper": self.tests_paper}
 
 
 def grid_dirs() -> list[Path]:
@@ -215,7 +217,14 @@ def parse_grid(name: str, path: Path) -> Grid:
     claims = tuple(_check_claim(c, i, where, axis_values) for i, c in enumerate(raw.get("claims", [])))
     return Grid(name=name, path=path, title=raw.get("title", name), description=raw.get("description", ""),
                 seeds=tuple(seeds), base=base, axes=axes, zips=zips, budgets=budgets, claims=claims,
-                tune=dict(tune) if tune is not None else None)
+                tune=dict(tune) if tune is not None else None, tests_paper=_flag(raw, "tests_paper", where))
+
+
+def _flag(raw: dict, key: str, where: str) -> bool:
+    value = raw.get(key, True)
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def _check_seeds(seeds: Any, where: str) -> None:
@@ -289,6 +298,13 @@ def _check_claim(claim: Any, i: int, where: str, axis_values: dict[str, list]) -
                             f"({axis_values[claim['axis']]!r})")
     if claim["effect"] not in ("ratio", "difference"):
         raise UserError(f"{at}: effect must be 'ratio' or 'difference', got {claim['effect']!r}")
+    marks = claim.get("paper_marks", {})
+    if not isinstance(marks, dict) or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not v == v
+                                          for v in marks.values()):
+        raise UserError(f"{at}: paper_marks must be a table of numbers (the paper's value per side, e.g. "
+                        f"{{relu = 6, tanh = 35}}), got {marks!r}")
+    if claim.get("regime", "learning") not in REGIMES:
+        raise UserError(f"{at}: regime must be one of {', '.join(REGIMES)}, got {claim['regime']!r}")
     if "tune" in claim and claim["tune"] not in axis_values:
         raise UserError(f"{at}: tune axis {claim['tune']!r} is not an axis of this grid")
     if "paper" in claim and (not isinstance(claim["paper"], (int, float)) or isinstance(claim["paper"], bool)):

@@ -17,20 +17,19 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from reports.claims import (EQUIVALENT, INCONCLUSIVE, MEASURED, NOT_EQUIVALENT, NOT_REPRODUCED, REPRODUCED, SINGLE,
-                            SMALLER, ClaimResult, side_name)
+from reports.claims import (INCONCLUSIVE, LARGER, MEASURED, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE, OPPOSITE,
+                            REPRODUCED, SMALLER, ClaimResult, side_name)
 from reports.load import GridResults, canon, cell_label, display_axes
-from reports.stats import compare, mean_ci
+from reports.stats import clip, compare, mean_ci
 
 RC = {**sns.axes_style("whitegrid"), "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
       "xtick.labelsize": 10, "ytick.labelsize": 10, "legend.fontsize": 10, "legend.title_fontsize": 10,
       "figure.titlesize": 13, "savefig.facecolor": "white",
       "svg.hashsalt": "ablate"}  # fixed SVG element ids (else random): an unchanged figure rewrites the same bytes
 PALETTE = sns.color_palette("colorblind")
-VERDICT_COLORS = {REPRODUCED: PALETTE[2], SMALLER: PALETTE[1], NOT_REPRODUCED: PALETTE[3],
-                  INCONCLUSIVE: PALETTE[7], SINGLE: PALETTE[4], MEASURED: PALETTE[0], EQUIVALENT: PALETTE[2],
+VERDICT_COLORS = {REPRODUCED: PALETTE[2], SMALLER: PALETTE[1], LARGER: PALETTE[8], OPPOSITE: PALETTE[3],
+                  INCONCLUSIVE: PALETTE[7], NOT_TESTABLE: PALETTE[4], MEASURED: PALETTE[0], NO_EFFECT: PALETTE[2],
                   NOT_EQUIVALENT: PALETTE[3]}
-OVERFITTING_CLAIMS = {"dropout", "augment", "overlap-pool"}
 
 
 def save(fig: Figure, out_dir: Path, name: str, dpi: int) -> list[Path]:
@@ -50,8 +49,9 @@ def _finished(grid: GridResults) -> pd.DataFrame:
 
 
 def _t_band(values) -> tuple[float, float]:
-    """seaborn errorbar callable: our 95% t-interval over seeds (nothing drawn for a single seed)."""
-    iv = mean_ci(values)
+    """seaborn errorbar callable: our 95% t-interval over seeds of an error in percent, clipped to [0, 100]
+    (nothing drawn for a single seed)."""
+    iv = clip(mean_ci(values), 0.0, 100.0)
     return (iv.lo, iv.hi) if iv.has_interval else (iv.estimate, iv.estimate)
 
 
@@ -77,29 +77,33 @@ def _num(text: str) -> float | None:
 # ---------------------------------------------------------------- Figure 1
 
 def figure1(grid: GridResults, rows: list[ClaimResult], out_dir: Path, dpi: int) -> list[Path]:
-    """Training error vs epoch for the two activations at their best learning rate, one panel per condition:
-    seeds thin, mean bold (while every seed still runs), the target dashed, epochs to cross annotated."""
+    """Training error vs epoch for the two activations at their chosen learning rate, one panel per condition,
+    side by side: the running error on the training batches (the trailing one-epoch window, ten points per epoch,
+    what the paper plotted), seeds thin, mean bold, the target dashed, our crossings dotted and the paper's
+    (the claim's `paper_marks`, e.g. ReLU ~6, tanh ~35 epochs) grey."""
     rows = [r for r in rows if r.runs_a or r.runs_b]
     if not rows:
         return []
     claim = rows[0].claim
+    marks = next((c.get("paper_marks") or {} for c in grid.meta.get("claims", []) if c.get("id") == claim.id), {})
     runs = grid.runs.set_index("run_id")
-    metric = _first(grid.runs, "target_metric", "train_error")
     target = float(_first(grid.runs, "target_value", (grid.meta.get("early_stop") or {}).get("below", 0.25)))
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(6.0 * len(rows), 4.8), layout="constrained")
         axes = fig.subplots(1, len(rows), squeeze=False, sharey=True)[0]
         for ax, r in zip(axes, rows):
-            xmax = max(grid.epochs[grid.epochs.run_id.isin(r.runs_a + r.runs_b)].epoch.max(), 1)
+            xmax = 1.0
             sides = ((claim.b, r.runs_b, r.tuned_b, "-"), (claim.a, r.runs_a, r.tuned_a, "--"))
             for i, (value, ids, tuned, style) in enumerate(sides):
-                curves = grid.epochs[grid.epochs.run_id.isin(ids)]
-                table = curves.pivot_table(index="epoch", columns="run_id", values=metric) * 100  # (epochs, seeds)
+                table = _curves(grid, ids)  # (points, seeds), percent
+                if table.empty:
+                    continue
+                xmax = max(xmax, float(table.index.max()))
                 name = side_name(claim, value)
                 tune = f", {claim.tune} {tuned}" if claim.tune else ""
-                ax.plot(table.index, table.to_numpy(), color=PALETTE[i], lw=0.8, alpha=0.5, ls=style)
+                ax.plot(table.index, table.to_numpy(), color=PALETTE[i], lw=0.7, alpha=0.45, ls=style)
                 full = table.dropna()
-                ax.plot(full.index, full.mean(axis=1), color=PALETTE[i], lw=2.6, ls=style,
+                ax.plot(full.index, full.mean(axis=1), color=PALETTE[i], lw=2.4, ls=style,
                         label=f"{name} (mean of {table.shape[1]}{tune})")
                 reach = runs.loc[list(ids), claim.metric].mean() if ids else math.nan
                 censored = bool(runs.loc[list(ids), f"{claim.metric}_censored"].any()) if ids else False
@@ -110,14 +114,36 @@ def figure1(grid: GridResults, rows: list[ClaimResult], out_dir: Path, dpi: int)
                             f"{name}: {'≥ ' if censored else ''}{reach:.1f} epochs", color=PALETTE[i],
                             ha="right" if right else "left", va="center", fontsize=10,
                             bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+                if name in marks:
+                    ax.axvline(float(marks[name]), color="0.55", ls="-.", lw=1.2)
+                    ax.text(float(marks[name]), 92 - 7 * i, f" paper {name} ~{float(marks[name]):g}", color="0.35",
+                            fontsize=9, ha="left", va="center")
+                    xmax = max(xmax, float(marks[name]) * 1.1)
             ax.axhline(100 * target, color="0.25", ls="--", lw=1.3, label=f"{target:.0%} target")
-            ax.set(xlabel="epoch", ylabel="training error (%)", ylim=(0, 100), xlim=(0, xmax + 0.5),
+            ax.set(xlabel="epoch", ylabel="training error (%), running", ylim=(0, 100), xlim=(0, xmax * 1.02),
                    title=r.split_label or "all runs")
-            ax.legend(loc="best", title="thin lines: single seeds")
-        tuned = f", each at its best {claim.tune}" if claim.tune else ""
-        fig.suptitle(_wrap(f"Figure 1 recreated ({grid.name}): epochs to {target:.0%} {metric.replace('_', ' ')}"
-                           f"{tuned} - {grid.label('dataset_label', 'dataset')}", 90))
+            ax.legend(loc="upper right", title="thin lines: single seeds")
+        tuned = f", each at its chosen {claim.tune}" if claim.tune else ""
+        fig.suptitle(_wrap(f"Figure 1 recreated ({grid.name}): epochs to {target:.0%} training error on the "
+                           f"training batches{tuned} - {grid.label('dataset_label', 'dataset')}, budget "
+                           f"{grid.label('budget') or '-'}", 90))
         return save(fig, out_dir, f"{grid.name}_figure1", dpi)
+
+
+def _curves(grid: GridResults, ids) -> pd.DataFrame:
+    """The running training error of each run, in percent, indexed by (fractional) epoch: a run's trace.csv, or
+    its per-epoch rows when it has none."""
+    cols = {}
+    for rid in ids:
+        path = grid.path / "runs" / str(rid) / "trace.csv"
+        try:
+            t = pd.read_csv(path)
+            cols[rid] = t.set_index("epoch")["window_error"] * 100
+        except (OSError, ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):
+            ep = grid.epochs[grid.epochs.run_id == rid]
+            if len(ep):
+                cols[rid] = ep.set_index("epoch")["train_error"] * 100
+    return pd.DataFrame(cols).sort_index() if cols else pd.DataFrame()
 
 
 def _first(runs: pd.DataFrame, column: str, default):
@@ -142,7 +168,7 @@ def variants_figure(grid: GridResults, axis: str, claims: list[ClaimResult], out
     if "test_error_top5" in used:
         metrics.append(("test_error_top5", "test top-5 error (%)"))
     if "gap" in used:
-        metrics.append(("gap", "train/test gap: test - train error (points)"))
+        metrics.append(("gap", "fair gap: test - clean training error (points)"))
     other = [a for a in display_axes(runs, grid.axes) if a != axis]
     data = runs.assign(variant=runs[axis].map(canon),
                        group=[cell_label(r, other) for _, r in runs.iterrows()] if other else "")
@@ -159,7 +185,7 @@ def variants_figure(grid: GridResults, axis: str, claims: list[ClaimResult], out
                     if not len(values):
                         continue
                     x = i + (j - (len(groups) - 1) / 2) * width
-                    iv = mean_ci(values)
+                    iv = clip(mean_ci(values), -100.0 if metric == "gap" else 0.0, 100.0)
                     err = [[iv.estimate - iv.lo], [iv.hi - iv.estimate]] if iv.has_interval else None
                     ax.errorbar(x, iv.estimate, yerr=err, fmt="o", ms=7, capsize=5, lw=1.6, color=PALETTE[j],
                                 label=(group or "mean, 95% CI") if i == 0 else None)
@@ -184,11 +210,13 @@ def curves_figure(grid: GridResults, axis: str, claims: list[ClaimResult], out_d
     other = [a for a in display_axes(runs, grid.axes) if a != axis]
     labels = runs.assign(variant=runs[axis].map(canon),
                          group=[cell_label(r, other) for _, r in runs.iterrows()] if other else "")
-    ep = grid.epochs[["run_id", "epoch", "train_error", "test_error"]].merge(
+    train = "clean_train_error" if "clean_train_error" in grid.epochs and grid.epochs.clean_train_error.notna().any() \
+        else "train_error"
+    ep = grid.epochs[["run_id", "epoch", train, "test_error"]].merge(
         labels[["run_id", "variant", "group"]], on="run_id")
-    long = ep.melt(id_vars=["run_id", "epoch", "variant", "group"], value_vars=["train_error", "test_error"],
+    long = ep.melt(id_vars=["run_id", "epoch", "variant", "group"], value_vars=[train, "test_error"],
                    var_name="split", value_name="error")
-    long = long.assign(error=100 * long.error, split=long.split.str.replace("_error", ""))
+    long = long.assign(error=100 * long.error, split=long.split.map({train: "train", "test_error": "test"}))
     order = _order(list(labels.variant.unique()), claims, grid.meta.get("axis_values", {}).get(axis))
     groups = sorted(long.group.unique())
     with matplotlib.rc_context(RC):
@@ -202,8 +230,9 @@ def curves_figure(grid: GridResults, axis: str, claims: list[ClaimResult], out_d
             ax.set(xlabel="epoch", ylabel="error (%)", title=group or f"per {axis}")
         if ax.get_legend():
             sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), title=None, frameon=False)
-        fig.suptitle(_wrap(f"{grid.name}: learning curves, mean over seeds with 95% CI band; the train/test gap is "
-                           f"over-fitting - {grid.label('dataset_label', 'dataset')}", 90))
+        which = "clean (eval-mode) training error" if train == "clean_train_error" else "training-batch error"
+        fig.suptitle(_wrap(f"{grid.name}: learning curves, mean over seeds with 95% CI band; train = {which}; the "
+                           f"gap to test is over-fitting - {grid.label('dataset_label', 'dataset')}", 90))
         return save(fig, out_dir, f"{grid.name}_{axis}_curves", dpi)
 
 
@@ -285,9 +314,10 @@ def forest_figure(results: list[ClaimResult], out_dir: Path, dpi: int, name: str
                 iv, c = r.interval, r.claim
                 color = _verdict_color(r.verdict)
                 marker = {"lower": ">", "upper": "<"}.get(r.bound, "o")
-                if iv.has_interval:
+                shown = iv.has_interval and not r.bound and not r.verdict.startswith(NOT_TESTABLE)
+                if shown:
                     ax.hlines(y, iv.lo, iv.hi, color=color, lw=2.4)
-                ax.scatter(iv.estimate, y, marker=marker, s=60, zorder=3, color=color if iv.has_interval else "white",
+                ax.scatter(iv.estimate, y, marker=marker, s=60, zorder=3, color=color if shown else "white",
                            edgecolors=color, linewidths=1.8)
                 if c.paper is not None:
                     ax.scatter(c.paper, y, marker="D", s=55, zorder=4, facecolors="none", edgecolors="black",
@@ -302,8 +332,8 @@ def forest_figure(results: list[ClaimResult], out_dir: Path, dpi: int, name: str
             ax.set_ylim(-0.7, len(panel) - 0.3)
             ax.set_xlabel(title)
         seen = list(dict.fromkeys(k for r in rows for k in VERDICT_COLORS if r.verdict.startswith(k)))
-        handles = [Line2D([], [], color=VERDICT_COLORS[k], marker="o", lw=0 if k == SINGLE else 2.4,
-                          mfc="white" if k == SINGLE else VERDICT_COLORS[k], label=k) for k in seen]
+        handles = [Line2D([], [], color=VERDICT_COLORS[k], marker="o", lw=0 if k == NOT_TESTABLE else 2.4,
+                          mfc="white" if k == NOT_TESTABLE else VERDICT_COLORS[k], label=k) for k in seen]
         handles += [Line2D([], [], color="black", marker="D", mfc="none", ls="none", label="paper's number"),
                     Line2D([], [], color="0.4", marker=">", ls="none", label="≥ lower bound (censored runs)")]
         if any(r.claim.margin is not None for r in rows):
@@ -346,7 +376,7 @@ def grid_figures(grid: GridResults, results: list[ClaimResult], out_dir: Path, d
     for axis in error_axes:
         paths += variants_figure(grid, axis, [r for r in results if r.claim.axis == axis], out_dir, dpi)
     for axis in dict.fromkeys(r.claim.axis for r in results
-                              if r.claim.metric == "gap" or r.claim.paper_claim in OVERFITTING_CLAIMS):
+                              if r.claim.metric == "gap" or r.claim.regime == "overfitting"):
         paths += curves_figure(grid, axis, [r for r in results if r.claim.axis == axis], out_dir, dpi)
     paths += scaling_figure(grid, out_dir, dpi)
     return paths

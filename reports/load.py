@@ -19,13 +19,14 @@ from ablations.errors import UserError
 
 RUN_KEYS = ["run_id", "status", "seed"]
 EPOCH_KEYS = ["run_id", "epoch", "train_error", "test_error"]
-METRICS = ["train_loss", "train_error", "test_loss", "test_error", "test_error_top5", "best_test_error", "gap",
-           "epochs_run", "epochs_to_target", "seconds_to_target", "epochs_to_loss", "train_seconds",
-           "wall_seconds", "images_per_second"]
+METRICS = ["train_loss", "train_error", "clean_train_error", "val_error", "test_loss", "test_error",
+           "test_error_top5", "test_error_at_best_val", "gap", "epochs_run", "epochs_to_target", "seconds_to_target",
+           "epochs_to_loss", "train_seconds", "wall_seconds", "images_per_second"]
+CHANCE_LOSS = 0.98  # runners/train.py's rule, for runs recorded before `learned` was: loss >= 0.98 ln(classes)
 # a metric that is empty when a run never got there: counted at what the run spent (censored), never dropped
 CENSORABLE = ("epochs_to_target", "seconds_to_target", "epochs_to_loss")
 # settings outside the axes that must match the latest `ablate run` (grid.json) for a run to be reported
-SETTING_KEYS = ("budget", "dataset", "epochs")
+SETTING_KEYS = ("budget", "dataset")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,14 @@ class GridResults:
     runs: pd.DataFrame  # runs.csv with derived columns; empty when there are no runs
     epochs: pd.DataFrame  # epochs.csv
     notes: tuple[str, ...] = field(default=())  # what was left out while loading
+    settings: tuple[tuple[str, tuple[str, ...]], ...] = ()  # every spec.json field of the reported runs -> values
+
+    def settings_text(self) -> str:
+        """The settings the reported runs were made with, every override included: one value, or the set."""
+        parts = []
+        for key, values in self.settings:
+            parts.append(f"{key}={values[0]}" if len(values) == 1 else f"{key} in {{{', '.join(values)}}}")
+        return ", ".join(parts)
 
     @property
     def axes(self) -> list[str]:
@@ -88,7 +97,23 @@ def load_grid(results_dir: Path, name: str) -> GridResults:
     runs, notes = _current_settings(runs, meta)
     runs = derive_metrics(runs, meta)
     epochs = epochs[epochs.run_id.isin(runs.run_id)]
-    return GridResults(name, gdir, meta, runs.reset_index(drop=True), epochs.reset_index(drop=True), tuple(notes))
+    return GridResults(name, gdir, meta, runs.reset_index(drop=True), epochs.reset_index(drop=True), tuple(notes),
+                       run_settings(gdir, list(runs.run_id)))
+
+
+def run_settings(gdir: Path, run_ids: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Each result-deciding field of the runs' spec.json (model fields by their own name) and the values taken."""
+    seen: dict[str, dict[str, None]] = {}
+    for rid in run_ids:
+        try:
+            spec = json.loads((gdir / "runs" / str(rid) / "spec.json").read_text())
+        except (OSError, ValueError):
+            continue
+        flat = {**{k: v for k, v in spec.items() if k not in ("model", "axes", "grid", "run_id", "seed")},
+                **spec.get("model", {})}
+        for k, v in flat.items():
+            seen.setdefault(k, {})[canon(v)] = None
+    return tuple((k, tuple(sorted(v, key=lambda x: (len(x), x)))) for k, v in sorted(seen.items()))
 
 
 def _read_meta(path: Path, name: str, rerun: str) -> dict[str, Any]:
@@ -147,7 +172,9 @@ def _current_settings(runs: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, lis
 
 
 def derive_metrics(runs: pd.DataFrame, meta: dict | None = None) -> pd.DataFrame:
-    """Add `gap` (test - train error, final epoch) and fill censorable metrics of runs that never got there.
+    """Add `gap` (test error - clean training error, final epoch: eval mode, no dropout or augmentation, so a
+    regulariser cannot shrink it by raising the training-batch error alone; NaN for runs that recorded no clean
+    error) and `learned` where a run predates it, and fill censorable metrics of runs that never got there.
 
     A run that never reached its target counts at what it spent: the epoch cap (epochs_*) or its training
     seconds (seconds_*), with `<metric>_censored` = True. Failed runs carry no numbers and are left as they are."""
@@ -157,7 +184,11 @@ def derive_metrics(runs: pd.DataFrame, meta: dict | None = None) -> pd.DataFrame
             runs[m] = np.nan
         elif m != "gap":
             runs[m] = pd.to_numeric(runs[m], errors="coerce")
-    runs["gap"] = runs.test_error - runs.train_error
+    clean = pd.to_numeric(runs["clean_train_error"], errors="coerce") if "clean_train_error" in runs else np.nan
+    runs["gap"] = runs.test_error - clean
+    if "learned" not in runs:
+        classes = (meta or {}).get("num_classes") or (100 if "cifar100" in str((meta or {}).get("dataset")) else 10)
+        runs["learned"] = runs.train_loss < CHANCE_LOSS * math.log(classes)
     cap = pd.to_numeric(runs["epochs"], errors="coerce") if "epochs" in runs else pd.Series(np.nan, runs.index)
     cap = cap.fillna((meta or {}).get("epochs", np.nan))
     ran = runs.status.isin(["finished", "diverged"])

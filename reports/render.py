@@ -13,41 +13,50 @@ from rich.markup import escape
 from rich.table import Table
 
 from ablations.errors import UserError
-from ablations.grid import grid_names
-from reports.claims import (EQUIVALENT, INCONCLUSIVE, MEASURED, NOT_EQUIVALENT, NOT_REPRODUCED, REPRODUCED, SINGLE,
-                            SMALLER, ClaimResult, evaluate)
+from ablations.grid import grid_names, load_grid
+from reports.claims import (INCONCLUSIVE, LARGER, MEASURED, NO_DATA, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE,
+                            OPPOSITE, OVERFIT_POINTS, REPRODUCED, SMALLER, ClaimResult, evaluate)
 from reports.figures import forest_figure, grid_figures
 from reports.load import CENSORABLE, METRICS, GridResults, canon, coverage, display_axes, load_results
 from reports.stats import LEVEL, N_RESAMPLES, RNG_SEED, cell_summary
 
-ERRORS = {"train_error", "test_error", "test_error_top5", "best_test_error", "gap"}
+ERRORS = {"train_error", "clean_train_error", "val_error", "test_error", "test_error_top5", "test_error_at_best_val",
+          "gap"}
 RULE = f"""\
 Each claim compares two values of one axis (side a against side b) on one metric, run by run with the same seed.
 Error metrics are compared in percentage points. Every other axis that varies on its own (not the claim's axis, its
 tune axis, the seed, or a fixed filter; axes zipped to another move with it) splits a claim into one row per value:
 relu-6x has a row per condition.
 
-- **Effect and interval.** Differences: the mean of per-seed differences a - b with a {LEVEL:.0%} t-interval
-  (t quantile for n - 1 degrees of freedom). Ratios: the geometric mean of per-seed ratios a / b with a {LEVEL:.0%}
-  t-interval on the log scale. When the seeds of a and b do not pair, a percentile bootstrap ({N_RESAMPLES} resamples,
-  RNG seed {RNG_SEED}) of the ratio or difference of means, marked "unpaired". n is the number of seed pairs.
-- **Tuning.** A claim with a tune axis (relu-6x: the learning-rate scale) first gives each side, per row, the value
-  with the lowest mean metric over seeds (censored runs at the cap; ties go to the lower final training error).
-- **Censoring.** A run that never reached the target counts at the epoch cap (seconds: at its training time), never
-  dropped. The effect is then a bound: "≥" when only side a has censored runs (the true a is larger), "≤" when only
-  side b has; the number of censored runs is given.
-- **Verdicts**, with the paper's number P in the claim's convention (positive = the paper's direction) and the
-  interval [lo, hi] against the reference r (0 for differences, 1 for ratios):
-  - *{REPRODUCED}*: the interval lies on the paper's side of r and reaches P (hi ≥ P when P > r; lo ≤ P when P < r);
-  - *{SMALLER}*: the interval lies on the paper's side of r but short of P;
-  - *{NOT_REPRODUCED}*: the interval lies on the other side of r;
-  - *{INCONCLUSIVE}*: the interval contains r;
-  - *{SINGLE}*: one seed (pair) only: the point estimate is shown and no verdict is possible;
-  - *{MEASURED}*: the paper gives no number; the direction of the interval is stated ("measured: a > b").
-  A claim of ours with a margin m instead of a paper number (bf16 against fp32) is an equivalence test:
-  *{EQUIVALENT}* when the interval lies inside (-m, m), *{NOT_EQUIVALENT}* when it lies wholly at or beyond m on
-  one side, *{INCONCLUSIVE}* otherwise.
-  A verdict on a censored bound is qualified when the truth beyond the bound could change it.
+- **Three splits.** A fixed, class-stratified validation set is held out of the training images; it alone decides
+  (the plateau schedule, early stops, the tuned learning rate). The test split is reported and decides nothing.
+- **Over-fitting** is the *fair gap*: test error minus the error on a fixed slice of the training images measured
+  in eval mode (no dropout, no augmentation), so a regulariser cannot shrink it just by making training batches
+  harder.
+- **Effect and interval.** Differences: the mean of per-seed differences a - b with a {LEVEL:.0%} t-interval.
+  Ratios: the geometric mean of per-seed ratios a / b with a {LEVEL:.0%} t-interval on the log scale. Intervals of
+  bounded metrics are clipped to the metric's range (this drops only values that cannot be true, so coverage is
+  kept). When seeds do not pair, a percentile bootstrap ({N_RESAMPLES} resamples, RNG seed {RNG_SEED}).
+- **Tuning.** A tuned claim (relu-6x: each side's learning rate) chooses the value with the lowest mean metric on
+  its *selection* seeds, and estimates the effect on separate *confirmation* seeds at that value, so the interval
+  is not made optimistic by the choice. The report says where the chosen value sits in its sweep.
+- **Power.** Each verdict gives the smallest effect its seeds detect with 80% power at the measured seed spread,
+  and, when that exceeds the paper's effect, about how many seeds would resolve it.
+- **Verdicts**, with the paper's number P (positive = the paper's direction) and the interval against no effect
+  (0 for differences, 1x for ratios):
+  - *{REPRODUCED}*: the interval excludes no effect and includes P;
+  - *{SMALLER}* / *{LARGER}*: the interval excludes no effect but lies short of / beyond P;
+  - *{OPPOSITE}*: the interval lies on the other side of no effect;
+  - *{INCONCLUSIVE}*: the interval includes no effect (or a single seed pair gives no interval);
+  - *{NO_EFFECT}*: a claim with a margin m (ours: bf16 against fp32): the whole interval lies inside (-m, m);
+    *{NOT_EQUIVALENT}* when it lies wholly at or beyond m;
+  - *{MEASURED}*: the paper gives no number; the direction of the interval is stated;
+  - *{NOT_TESTABLE}*: the runs did not reach the regime the claim is about, with the reason: a run that never
+    learned (final clean training loss at least 98% of ln(classes), or one predicted class) makes every claim on it
+    untestable; an over-fitting claim needs its unregularised side to over-fit (fair gap >= {OVERFIT_POINTS:g}
+    points) and every run to have converged (two rate drops, or validation error flat over 5 epochs); a run that
+    never reached a target is censored: the effect is then a bound (≥ or ≤, never an interval), which decides only
+    when even the bound lies beyond P.
 """
 
 
@@ -62,11 +71,14 @@ class Report:
 def build_report(results_dir: Path, grids: list[str] | None = None) -> Report:
     """Load, evaluate every claim, and note what is missing (shipped grids never run, when reporting all)."""
     loaded = load_results(Path(results_dir), grids)
-    results = tuple(r for g in loaded for r in evaluate(g))
+    if not grids:  # a pipeline check (smoke) is shown only when asked for by name
+        loaded = [g for g in loaded if g.meta.get("tests_paper", True)]
+    results = tuple(r for g in loaded for r in evaluate(g) if g.meta.get("tests_paper", True))
     notes = {g.name: coverage(g) for g in loaded}
     if not grids:
         for name in sorted(set(grid_names()) - set(notes)):
-            notes[name] = [f"no runs (`ablate run --grid {name}`)"]
+            if load_grid(name).tests_paper:
+                notes[name] = [f"no runs (`ablate run --grid {name} --budget cpu`)"]
     return Report(Path(results_dir), tuple(loaded), results, notes)
 
 
@@ -123,21 +135,35 @@ def _rel(path: Path, root: Path) -> str:
 def _header(report: Report) -> list[str]:
     labels = sorted({g.label("dataset_label", "dataset") for g in report.grids} - {""})
     return ["# AlexNet's claims on CIFAR: ablation report", "",
-            f"Generated by `ablate report` from `{report.results_dir}` ({len(report.grids)} grid(s)). "
-            f"Data as recorded in runs.csv: {', '.join(labels) or 'not recorded'}. "
-            f"Effects use the 95% intervals and the verdict rule below.", "", "## Claims", ""]
+            f"Generated by `ablate report` from `{report.results_dir.name}/` ({len(report.grids)} grid(s)). "
+            f"Data as recorded in runs.csv: {', '.join(labels) or 'not recorded'}. One line per claim of the paper: "
+            f"ours with its 95% interval, the verdict and why, and whether the runs reached the regime the claim "
+            f"is about. The rule is at the end; each grid's section lists the exact settings of its runs.", "",
+            "## Claims", ""]
 
 
 def _claims_markdown(results: tuple[ClaimResult, ...]) -> list[str]:
-    lines = ["| claim | paper | ours (95% CI) | verdict | n seeds | data set | budget | notes |",
-             "|---|---|---|---|---|---|---|---|"]
+    primary = [r for r in results if not r.claim.secondary]
+    secondary = [r for r in results if r.claim.secondary]
+    lines = _claim_table(primary)
+    if secondary:
+        lines += ["", "Further lines measured with the same runs (no paper number, or a second view of a claim):",
+                  "", *_claim_table(secondary)]
+    return lines
+
+
+def _claim_table(results: list[ClaimResult]) -> list[str]:
+    lines = ["| claim | paper | ours (95% CI) | verdict: why | seeds | data set, budget | regime |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         name = f"**{r.claim.id}**" + (f" ({r.split_label})" if r.split else "")
-        title = "" if r.claim.title == r.claim.id else f": *{r.claim.title}*" if r.claim.secondary \
-            else f": {r.claim.title}"
+        name += f": {r.claim.title}" if r.claim.title != r.claim.id else ""
+        seeds = r.n_text + (f"; {r.selection}" if r.selection else "")
+        why = f"**{r.verdict}**: {r.reason}" if r.reason else f"**{r.verdict}**"
+        notes = "; ".join(r.notes)
         lines.append("| " + " | ".join(_md(x) for x in (
-            name + title, r.paper_text(), r.ours_text(), r.verdict, r.n_text, r.dataset_label or "-",
-            r.budget or "-", "; ".join(r.notes) or "")) + " |")
+            name, r.paper_text(), r.ours_text() + (f" ({notes})" if notes else ""), why, seeds,
+            f"{r.dataset_label or '-'}, {r.budget or '-'}", r.regime or "-")) + " |")
     return lines
 
 
@@ -148,7 +174,8 @@ def _grid_markdown(grid: GridResults, missing: list[str], figures: list[Path], c
     if meta.get("description"):
         lines += [" ".join(str(meta["description"]).split()), ""]
     lines += [f"- Data set: {grid.label('dataset_label', 'dataset') or 'not recorded'}; budget: "
-              f"{grid.label('budget') or '-'}; model: {meta.get('model', '-')}; epoch cap: {meta.get('epochs', '-')}",
+              f"{grid.label('budget') or '-'}; model: {meta.get('model', '-')}",
+              "- Settings of every reported run (from their spec.json): " + (grid.settings_text() or "not recorded"),
               "- Precision: " + _precision_counts(grid.runs),
               f"- Command that produced the runs: `{grid.command()}`",
               f"- Runs: " + (", ".join(f"{n} {s}" for s, n in grid.runs.status.value_counts().items())
@@ -221,8 +248,8 @@ def _num(x, k: float = 1) -> str:
 
 def claims_table(report: Report) -> Table:
     """The claims table for the terminal (rich)."""
-    colors = {REPRODUCED: "green", SMALLER: "yellow", NOT_REPRODUCED: "red", INCONCLUSIVE: "white",
-              SINGLE: "magenta", MEASURED: "cyan", EQUIVALENT: "green", NOT_EQUIVALENT: "red"}
+    colors = {REPRODUCED: "green", SMALLER: "yellow", LARGER: "yellow", OPPOSITE: "red", INCONCLUSIVE: "white",
+              NOT_TESTABLE: "magenta", MEASURED: "cyan", NO_EFFECT: "green", NOT_EQUIVALENT: "red", NO_DATA: "dim"}
     labels = {"data set": {r.dataset_label or "-" for r in report.results},
               "budget": {r.budget or "-" for r in report.results}}
     common = [f"{k}: {next(iter(v))}" for k, v in labels.items() if len(v) == 1]  # said once, in the title
@@ -230,7 +257,7 @@ def claims_table(report: Report) -> Table:
     extra = [k for k, v in labels.items() if len(v) > 1]
     for col in ("claim", "paper", "ours (95% CI)", "verdict", "n", *extra):
         table.add_column(col, overflow="fold")
-    for r in report.results:
+    for r in (r for r in report.results if not r.claim.secondary):
         color = next((c for k, c in colors.items() if r.verdict.startswith(k)), "dim")
         name = r.label + (" (secondary)" if r.claim.secondary else "")
         cells = [name, r.paper_text(), r.ours_text(), r.verdict, r.n_text,

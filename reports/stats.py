@@ -4,7 +4,17 @@ Why t-intervals for paired effects: with 2-5 seeds a percentile bootstrap only r
 has and comes out too narrow; the t-interval widens honestly as n shrinks. Ratios are paired on the log scale
 (a geometric mean of per-seed ratios), where a ratio's noise is roughly symmetric. The bootstrap is kept for
 sides whose seeds do not pair, where the statistic is a ratio or difference of two independent means.
-The t quantile is computed here (exact finite series for integer degrees of freedom), so no scipy."""
+The t quantile is computed here (exact finite series for integer degrees of freedom), so no scipy.
+
+Bounded metrics: an error rate lies in [0, 1] and a difference of two in [-1, 1]; a t-interval from few seeds can
+reach past that (82% [-8, 173]). `clip` intersects it with the metric's range. This loses no coverage: the true
+value always lies inside the range, so whenever the t-interval covers it, the clipped one does too; it only drops
+values that cannot be true. (A logit-scale interval would also stay inside, but it needs a per-seed value strictly
+inside (0, 1) and changes what is averaged; clipping keeps the plain mean and its usual interval.)
+
+Power: `detectable` is the smallest true effect a paired t-test at the measured seed spread finds with 80% power
+(two-sided 5%): (t_0.975 + t_0.80) x sd / sqrt(n) with n - 1 degrees of freedom, and `seeds_needed` the fewest
+pairs for which that falls to a given effect."""
 from __future__ import annotations
 
 import math
@@ -63,6 +73,37 @@ def t_critical(level: float, df: int) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if t_two_sided_cdf(mid, df) < level else (lo, mid)
     return (lo + hi) / 2
+
+
+def clip(iv: Interval, low: float, high: float) -> Interval:
+    """The interval intersected with the metric's range [low, high] (see the module docstring for why)."""
+    if not iv.has_interval or (iv.lo >= low and iv.hi <= high):
+        return iv
+    return Interval(iv.estimate, max(iv.lo, low), min(iv.hi, high), iv.n, iv.method + ", clipped to the range")
+
+
+POWER = 0.80
+
+
+def detectable(sd: float, n: int, level: float = LEVEL, power: float = POWER) -> float:
+    """The smallest true mean difference a paired t-test finds with `power` at this seed spread (sd of the
+    per-seed differences, or of log ratios), n pairs. nan below two pairs."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    one_sided = t_critical(2 * power - 1, n - 1)  # P(T < t) = power  <=>  P(|T| < t) = 2 power - 1
+    return (t_critical(level, n - 1) + one_sided) * sd / math.sqrt(n)
+
+
+def seeds_needed(sd: float, effect: float, level: float = LEVEL, power: float = POWER, most: int = 200) -> int | None:
+    """The fewest seed pairs whose detectable effect is at most |effect| at this spread; None beyond `most`."""
+    if not math.isfinite(sd) or not math.isfinite(effect) or effect == 0:
+        return None
+    if sd == 0:
+        return 2
+    for n in range(2, most + 1):
+        if detectable(sd, n, level, power) <= abs(effect):
+            return n
+    return None
 
 
 def mean_ci(values, level: float = LEVEL) -> Interval:
