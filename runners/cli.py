@@ -13,6 +13,21 @@ import click
 from ablations.choices import DROPOUT_AT, POOLINGS
 from ablations.errors import UserError
 
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # Ctrl-C (SIGINT); SIGTERM (Slurm, Kubernetes, docker stop, timeout)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so it unwinds exactly as Ctrl-C does: the last finished epoch is
+    saved, locks are released, nothing half-written is left."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted_exit(err: KeyboardInterrupt) -> int:
+    return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+
 
 class _Group(click.Group):
     """Turns exceptions into one clear line unless --debug was given."""
@@ -25,9 +40,9 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {' '.join(str(err).split())}", err=True)  # one line, whatever the message holds
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as err:
+            click.echo("terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted", err=True)
+            sys.exit(_interrupted_exit(err))
         except click.UsageError as err:  # one line, like every other error, instead of usage + hint + error
             if isinstance(err, getattr(click.exceptions, "NoArgsIsHelpError", ())):
                 raise  # `ablate data` alone: the help, as Click shows it
@@ -55,6 +70,10 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Run, report and benchmark ablations of the AlexNet paper's claims on CIFAR."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    import signal
+    signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background (`cmd &`): make Ctrl-C count
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @main.group()
@@ -238,7 +257,8 @@ def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results
     """Train every pending run of a grid; finished runs are skipped, interrupted ones resumed.
 
     Exit codes: 0 all runs done (finished or diverged), 2 bad input, 3 some runs failed,
-    75 some runs are being trained by another process, 130 interrupted (rerun to resume)."""
+    75 some runs are being trained by another process, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM);
+    after 130 or 143 rerun the same command to resume from the last finished epoch."""
     from pathlib import Path
 
     from runners.execute import plan, run_grid
@@ -294,11 +314,13 @@ def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results
         else:
             outcome = run_grid(grid, Path(results), budget, overrides, seed_list, data_path, device, reporter,
                                wait_for_others=not no_wait)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if reporter is not None:
             reporter.close()
-        click.echo("interrupted: every finished epoch is saved; rerun the same command to resume", err=True)
-        sys.exit(130)
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        click.echo(f"{what}: every finished epoch is saved and the run locks are released; rerun the same command "
+                   f"to resume", err=True)
+        sys.exit(_interrupted_exit(err))
     click.echo(f"grid {outcome.grid}: {len(outcome.trained)} trained, {len(outcome.skipped)} already done, "
                f"{len(outcome.diverged)} diverged, {len(outcome.failed)} failed, {len(outcome.busy)} busy; "
                f"results in {Path(results) / outcome.grid}")

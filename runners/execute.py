@@ -203,4 +203,8 @@ def train_one(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[
         fault_point("step", spec.run_id)
         reporter.step(i, n)
 
-    return train_run(spec, data, rdir, dev, context=context, on_epoch=on_epoch, on_step=on_step)
+    def on_resume(done: int) -> None:
+        reporter.say(f"  resuming at epoch {done + 1}: epochs 1-{done} restored from the run's checkpoint")
+
+    return train_run(spec, data, rdir, dev, context=context, on_epoch=on_epoch, on_step=on_step,
+                     on_resume=on_resume)

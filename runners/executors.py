@@ -27,7 +27,7 @@ from runners.store import Store
 from runners.train import RunResult, pick_device
 
 RAY_MISSING = "the ray executor needs Ray: pip install -e '.[ray]'"
-EXIT_PRIORITY = (2, 1, 130, 3, 75)  # which child exit code wins: bad input, crash, interrupt, failed, busy
+EXIT_PRIORITY = (2, 1, 130, 143, 3, 75)  # which child exit code wins: bad input, crash, interrupt, failed, busy
 
 
 # ---------------------------------------------------------------- K local processes

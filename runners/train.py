@@ -566,7 +566,8 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
               on_step: Callable[[int, int], None] | None = None,
               shard: tuple[int, int] = (0, 1), wrap: Callable | None = None,
               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              gather: Callable[[dict], list[dict]] | None = None) -> RunResult:
+              gather: Callable[[dict], list[dict]] | None = None,
+              on_resume: Callable[[int], None] | None = None) -> RunResult:
     """Train (or resume) one run into run_dir. Only rank 0 of a sharded run writes files.
 
     `wrap` wraps the model (DDP), `reduce` sums a device tensor over ranks, `gather` collects one object
@@ -612,6 +613,8 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
         rows = list(state["rows"])
         trace = list(state.get("trace", []))
         wall_before = float(state.get("wall", 0.0))
+        if on_resume is not None and writer:
+            on_resume(len(rows))
     else:
         wall_before = 0.0
     net = wrap(model) if wrap else model

@@ -281,3 +281,24 @@ def test_a_failed_run_keeps_its_last_finished_epoch_even_between_checkpoints(tmp
     assert resumed.status == "finished" and [r["epoch"] for r in resumed.rows] == [1, 2, 3, 4]
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("ref", "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_the_last_epoch_releases_the_lock_and_the_rerun_says_where_it_resumes(tmp_path, data_dir):
+    """What Slurm, Kubernetes, `docker stop` and `timeout` send: handled as Ctrl-C, with its own exit code."""
+    extra = ("--seeds", "1", "--epochs", "6")
+    out = tmp_path / "out"
+    proc = _subprocess(out, data_dir, *extra)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any((d / "checkpoint.pt").exists() for d in (out / "smoke" / "runs").glob("*")):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output
+    assert "terminated (SIGTERM): every finished epoch is saved" in output and "Traceback" not in output
+    assert not list((out / "smoke").rglob("run.lock"))
+    rerun = _subprocess(out, data_dir, *extra)
+    again = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, again
+    assert "resuming at epoch" in again
