@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import re
 import tomllib
@@ -213,6 +214,9 @@ def parse_grid(name: str, path: Path) -> Grid:
                 continue
             check_value(key, value, f"{where}: budgets.{bname}.{key}")
 
+    if not raw or not any(k in raw for k in ("run", "axes", "zip")):
+        raise UserError(f"{where}: the grid sets nothing (no [run], [axes] or [zip] table); a grid needs at least "
+                        f"a [run] table, e.g. [run] arch = \"convnet4\"")
     axis_values = {**axes, **{k: v for g in zips.values() for k, v in g.items()}}
     claims = tuple(_check_claim(c, i, where, axis_values) for i, c in enumerate(raw.get("claims", [])))
     return Grid(name=name, path=path, title=raw.get("title", name), description=raw.get("description", ""),
@@ -270,6 +274,8 @@ def check_value(key: str, value: Any, where: str) -> Any:
     }.get(kind, True)
     if not ok:
         raise UserError(f"{where}: expected {kind} for {key!r}, got {value!r} ({type(value).__name__})")
+    if kind in ("int", "float") and not math.isfinite(value):  # nan passes every `value < bound` test
+        raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise UserError(f"{where}: {value!r} is not a valid {key}; expected one of "
                         f"{', '.join(repr(c) for c in CHOICES[key])}")

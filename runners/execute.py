@@ -37,6 +37,7 @@ class GridOutcome:
     busy: list[str] = field(default_factory=list)  # locked by another live process
     failed: list[str] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
+    announced: set[str] = field(default_factory=set)  # busy runs already reported as waited for
 
     @property
     def exit_code(self) -> int:
@@ -97,7 +98,7 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
     reporter = reporter or PlainReporter()
     store = Store(Path(results))
     grid, specs = plan(grid_name, budget, overrides, seeds, store)
-    store.check_writable()
+    store.check_writable(grid.name)
     dev = pick_device(device)
     check_devices(specs, dev)
     data_dir = resolve_data_dir(data_dir)
@@ -122,6 +123,11 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
             outcome.busy = [s.run_id for _, s in waiting]
             break
         if waiting:
+            for _, spec in waiting:  # said once per run, not at every poll
+                if spec.run_id not in outcome.announced:
+                    outcome.announced.add(spec.run_id)
+                    holder = RunLock(store.run_dir(grid.name, spec.run_id) / "run.lock").holder()
+                    reporter.say(f"waiting for run {spec.run_id}: it is being trained by {holder}")
             time.sleep(poll_s)  # another process holds these runs: wait for it to finish (or die) and look again
         pending = waiting
         if not pending and grid.tune:  # a finished selection adds its confirmation runs
@@ -164,8 +170,7 @@ def _attempt(spec: RunSpec, i: int, total: int, store: Store, grid: str, dataset
         outcome.skipped.append(spec.run_id)
         reporter.skip(spec, "already done")
         return "done"
-    rdir = store.run_dir(grid, spec.run_id)
-    rdir.mkdir(parents=True, exist_ok=True)
+    rdir = store.make_run_dir(grid, spec.run_id)
     lock = RunLock(rdir / "run.lock")
     if not lock.acquire():
         return "busy"

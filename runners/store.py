@@ -49,7 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(_open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -129,59 +129,89 @@ def load_checkpoint(path: Path) -> dict | None:
 
 @dataclass
 class RunLock:
-    """A lock file created with O_EXCL. Stale when its process is gone (same host) or its heartbeat is old."""
+    """A run's lock: an exclusive `fcntl.flock` on results/<grid>/runs/<id>/run.lock.
+
+    The kernel releases a flock when its holder exits, however it exits, so a lock can never outlive its process
+    and a reused PID can never look like the holder; taking a free lock is one atomic flock call, so of any number
+    of processes exactly one wins. The file records who holds it (pid, host, process start time, since) for the
+    waiting message only. The lock file is opened with O_NOFOLLOW: a planted link is refused, never followed."""
 
     path: Path
-    stale_after_s: float = 6 * 3600.0
+    _fd: int | None = None
 
     def acquire(self) -> bool:
-        for _ in range(2):
+        while True:
+            fd = _open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._is_stale():
-                    self._break()
-                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 return False
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
+            try:  # the file we locked must still be the one at the path (a releaser unlinks it)
+                here = os.stat(self.path, follow_symlinks=False)
+                mine = os.fstat(fd)
+                same = (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev)
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                                     "start": _start_time(os.getpid())}).encode())
+            self._fd = fd
             return True
-        return False
 
     def heartbeat(self) -> None:
-        try:
-            os.utime(self.path)
-        except FileNotFoundError:
-            pass
+        if self._fd is not None:
+            os.utime(self._fd)
 
     def release(self) -> None:
+        if self._fd is None:
+            return
         try:
-            holder = json.loads(self.path.read_text())
-            if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            here = os.stat(self.path, follow_symlinks=False)
+            mine = os.fstat(self._fd)
+            if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
                 self.path.unlink()
-        except (FileNotFoundError, ValueError):
-            pass
-
-    def _is_stale(self) -> bool:
-        try:
-            holder = json.loads(self.path.read_text())
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return True
-        except ValueError:  # half-written lock: stale only once it is old enough to be sure
-            return time.time() - self.path.stat().st_mtime > 5
-        if holder.get("host") == socket.gethostname():
-            return not _pid_alive(int(holder.get("pid", -1)))
-        return age > self.stale_after_s
-
-    def _break(self) -> None:
-        # rename first so that two processes breaking the same stale lock cannot both win
-        grave = self.path.with_name(f"{self.path.name}.stale{os.getpid()}")
-        try:
-            os.replace(self.path, grave)
-            grave.unlink()
         except FileNotFoundError:
             pass
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def holder(self) -> str:
+        """Who holds the lock, in words, for a waiting process's message."""
+        try:
+            h = json.loads(self.path.read_text())
+            since = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(h.get("since", 0))))
+            return f"pid {h.get('pid')} on {h.get('host')} since {since}"
+        except (OSError, ValueError, TypeError):
+            return "another process"
+
+
+def _open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open that refuses a symlink at the path (the suite never makes one) with one clear line."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link, which the suite never creates; remove it and rerun "
+                            f"(results are never written through links)") from None
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UserError(f"cannot write {path} ({err.strerror}); make the results folder writable or choose "
+                            f"another with --out") from None
+        raise
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), which tells a reused PID
+    from the process that wrote a record."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -204,12 +234,12 @@ def _pid_alive(pid: int) -> bool:
 def grid_lock(grid_dir: Path) -> Iterator[None]:
     """Serialises aggregate regeneration between processes sharing a grid folder."""
     grid_dir.mkdir(parents=True, exist_ok=True)
-    with open(grid_dir / ".aggregate.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    fd = _open_nofollow(grid_dir / ".aggregate.lock", os.O_RDWR | os.O_CREAT)  # never truncated, never followed
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- the store
@@ -224,6 +254,17 @@ class Store:
     def run_dir(self, grid: str, run_id: str) -> Path:
         return self.root / grid / "runs" / run_id
 
+    def make_run_dir(self, grid: str, run_id: str) -> Path:
+        """Create (or find) a run's folder, refusing any link between the results folder and it: a planted link
+        would send spec.json, epochs.csv and model.pt outside --out."""
+        rdir = self.run_dir(grid, run_id)
+        rdir.mkdir(parents=True, exist_ok=True)
+        for part in (self.grid_dir(grid), self.grid_dir(grid) / "runs", rdir):
+            if part.is_symlink():
+                raise UserError(f"{part} is a symbolic link, which the suite never creates; remove it and rerun "
+                                f"(results are never written through links)")
+        return rdir
+
     def summary(self, grid: str, run_id: str) -> dict | None:
         try:
             return json.loads((self.run_dir(grid, run_id) / "summary.json").read_text())
@@ -234,15 +275,31 @@ class Store:
         s = self.summary(grid, run_id)
         return s is not None and s.get("status") in FINISHED
 
-    def check_writable(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".write-probe{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as err:
-            raise UserError(f"cannot write to the results folder {self.root} ({err.strerror}); "
-                            f"choose a writable folder with --out") from None
+    def check_writable(self, grid: str | None = None) -> None:
+        """The results folder, and a grid's folder, runs folder and aggregate lock when they exist, are writable
+        and no links: checked before anything is written, so a refusal changes nothing."""
+        folders = [self.root]
+        if grid is not None:
+            folders += [p for p in (self.grid_dir(grid), self.grid_dir(grid) / "runs") if p.exists() or p.is_symlink()]
+        for folder in folders:
+            if folder.is_symlink() and folder != self.root:
+                raise UserError(f"{folder} is a symbolic link, which the suite never creates; remove it and rerun "
+                                f"(results are never written through links)")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-probe{os.getpid()}"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as err:
+                what = "the results folder " if folder == self.root else ""
+                raise UserError(f"cannot write to {what}{folder} ({err.strerror}); make it writable or choose "
+                                f"another results folder with --out") from None
+        if grid is not None:
+            lock = self.grid_dir(grid) / ".aggregate.lock"
+            if lock.is_symlink():
+                raise UserError(f"{lock} is a symbolic link, which the suite never creates; remove it and rerun")
+            if lock.exists() and not os.access(lock, os.W_OK):
+                raise UserError(f"cannot write {lock} (permission denied); make it writable or remove it")
 
     def write_aggregates(self, grid: str, warn: Callable[[str], None] = _warn) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Rebuild runs.csv and epochs.csv of a grid from its run folders (under a grid lock)."""

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 from click.testing import CliRunner
@@ -31,7 +32,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path, data_dir, 
     ran = child.wait()
     assert ran.code == 130, ran.output
     assert ran.output.strip().splitlines()[-1] == \
-        "interrupted: every finished epoch is saved; rerun the same command to resume"
+        "interrupted: every finished epoch is saved and the run locks are released; rerun the same command to resume"
     assert "Traceback" not in ran.output
     state = load_checkpoint(run_dir / "checkpoint.pt") or load_checkpoint(run_dir / "checkpoint.prev.pt")
     saved = len(state["rows"])
@@ -100,15 +101,19 @@ def test_live_lock_is_left_alone_and_a_dead_holders_lock_taken_over(tmp_path, da
     _, specs = plan("smoke", "gpu", {"epochs": 1, "subset": 128, "test_subset": 50, "width": 0.0625}, [0])
     locked = out / "smoke" / "runs" / specs[1].run_id
     locked.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    code = (f"from runners.store import RunLock; from pathlib import Path; import time; "
+            f"assert RunLock(Path({str(locked / 'run.lock')!r})).acquire(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
     try:
-        lock = json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": time.time()})
-        (locked / "run.lock").write_text(lock)
+        assert holder.stdout.readline().strip() == "held"  # a live process holds the run's lock
+        lock = (locked / "run.lock").read_text()
         ran = ablate(args, tmp_path / "busy.txt")
         assert ran.code == 75, ran.output
         assert ran.counts() == {"trained": 3, "done": 0, "diverged": 0, "failed": 0, "busy": 1}
         assert ran.output.strip().splitlines()[-1] == \
             "some runs are being trained by another process; rerun later to pick up what is left"
+        assert f"is being trained by pid {holder.pid}" not in ran.output  # --no-wait: nothing is waited for
         assert (locked / "run.lock").read_text() == lock and not (locked / "summary.json").exists()
     finally:
         holder.kill()

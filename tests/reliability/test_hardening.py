@@ -1,0 +1,133 @@
+"""The outside-in attack's findings, each as a test: no write follows a planted link, a lock cannot outlive its
+holder or be taken twice, every bad number is refused with one line."""
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ablations.errors import UserError
+from runners.store import RunLock, Store, atomic_write_text, grid_lock
+
+ROUNDS = 40
+
+
+def _contend(path: str, barrier, results) -> None:
+    barrier.wait()
+    lock = RunLock(Path(path))
+    won = lock.acquire()
+    results.put(won)
+    if won:
+        time.sleep(0.05)  # hold it while the others try
+        lock.release()
+
+
+def test_four_processes_on_a_stale_lock_give_exactly_one_holder_every_round(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(ROUNDS):
+        path = tmp_path / f"run{round_}.lock"
+        # a stale record whose PID now belongs to a live, unrelated process (pid 1), aged three days
+        path.write_text(json.dumps({"pid": 1, "host": os.uname().nodename, "since": 0}))
+        os.utime(path, (time.time() - 3 * 86400,) * 2)
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_contend, args=(str(path), barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        wins = [results.get(timeout=30) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        assert sum(wins) == 1, f"round {round_}: {sum(wins)} holders"
+
+
+def test_a_lock_dies_with_its_holder_even_when_its_pid_is_reused(tmp_path):
+    path = tmp_path / "run.lock"
+    code = f"from runners.store import RunLock; from pathlib import Path; import time; " \
+           f"assert RunLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        assert not RunLock(path).acquire()  # a live holder is respected
+        assert f"pid {holder.pid}" in RunLock(path).holder()
+    finally:
+        holder.kill()
+        holder.wait()
+    path.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "since": 0}))  # a live pid
+    lock = RunLock(path)
+    assert lock.acquire()  # no process holds the flock: the record alone holds nothing
+    lock.release()
+    assert not path.exists()
+
+
+def test_a_planted_link_is_refused_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    gdir = tmp_path / "out" / "smoke"
+    gdir.mkdir(parents=True)
+    (gdir / ".aggregate.lock").symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        with grid_lock(gdir):
+            pass
+    assert victim.read_text() == "precious"
+    with pytest.raises(UserError, match="symbolic link"):
+        Store(tmp_path / "out").check_writable("smoke")
+    (gdir / ".aggregate.lock").unlink()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (gdir / "runs").mkdir()
+    (gdir / "runs" / "abc").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UserError, match="symbolic link"):
+        Store(tmp_path / "out").make_run_dir("smoke", "abc")
+    lock_link = tmp_path / "run.lock"
+    lock_link.symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        RunLock(lock_link).acquire()
+    assert victim.read_text() == "precious" and not list(outside.iterdir())
+
+
+def test_an_atomic_write_never_follows_a_planted_temporary_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    target = tmp_path / "epochs.csv"
+    (tmp_path / f".epochs.csv.tmp{os.getpid()}").symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        atomic_write_text(target, "x")
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[run]\narch = "convnet4"\nlr = nan\n', "finite number"),
+    ('[run]\narch = "convnet4"\nlr = inf\n', "finite number"),
+    ('[run]\narch = "convnet4"\n[axes]\nweight_decay = [0.0, -inf]\n', "finite number"),
+    ("", "sets nothing"),
+    ('title = "only a title"\n', "sets nothing"),
+])
+def test_non_finite_numbers_and_empty_grids_are_refused(tmp_path, text, message):
+    from ablations.grid import parse_grid
+    path = tmp_path / "g.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        parse_grid("g", path)
+
+
+def test_a_waiting_process_says_once_what_it_waits_for(tmp_path, data_dir):
+    from tests.reliability.harness import ablate
+    from tests.reliability.conftest import kill_grid_args
+    from runners.execute import plan
+    out = tmp_path / "out"
+    _, specs = plan("smoke", "gpu", {"epochs": 1, "subset": 128, "test_subset": 50, "width": 0.0625}, [0])
+    rdir = out / "smoke" / "runs" / specs[0].run_id
+    rdir.mkdir(parents=True)
+    code = (f"from runners.store import RunLock; from pathlib import Path; import time; "
+            f"assert RunLock(Path({str(rdir / 'run.lock')!r})).acquire(); print('held', flush=True); time.sleep(6)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    assert holder.stdout.readline().strip() == "held"
+    ran = ablate(kill_grid_args(out, data_dir, epochs=1), tmp_path / "wait.txt")  # waits until the holder exits
+    holder.wait()
+    assert ran.code == 0, ran.output
+    assert ran.output.count(f"waiting for run {specs[0].run_id}: it is being trained by pid {holder.pid}") == 1
