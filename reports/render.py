@@ -201,7 +201,11 @@ def _shown_metrics(grid: GridResults) -> list[str]:
     claimed = [c.get("metric") for c in grid.meta.get("claims", [])]
     if any(m == "epochs_to_target" for m in claimed):
         claimed.append("seconds_to_target")
-    return list(dict.fromkeys(["test_error", "train_error", *[m for m in claimed if m in METRICS]]))
+    shown = ["test_error", "clean_train_error" if grid.runs.get("clean_train_error", pd.Series()).notna().any()
+             else "train_error", *[m for m in claimed if m in METRICS]]
+    if grid.runs.get("lrn_factor_spread", pd.Series()).notna().any():  # did LRN act? p95 / p05 of its factor
+        shown += ["lrn_factor_p05", "lrn_factor_p95", "lrn_factor_spread"]
+    return list(dict.fromkeys(shown))
 
 
 def _cells(grid: GridResults) -> pd.DataFrame:

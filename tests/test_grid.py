@@ -10,7 +10,7 @@ from ablations.grid import expand, grid_names, grid_path, load_grid, parse_grid
 from ablations.models import ModelSpec
 from ablations.spec import RunSpec
 
-SHIPPED = ["augmentation", "dropout", "gpus", "lrn", "pooling", "precision", "relu_vs_tanh", "smoke"]
+SHIPPED = ["augmentation", "dropout", "gpus", "lrn", "lrn4", "pooling", "precision", "relu_vs_tanh", "smoke"]
 
 
 def test_all_eight_grids_ship_and_load():
@@ -52,7 +52,9 @@ def test_precision_grid_pairs_fp32_and_bf16_runs_of_each_model_by_seed():
 def test_budget_and_overrides():
     grid = load_grid("lrn")
     cpu = expand(grid, "cpu")
-    assert {s.model.width for s in cpu} == {0.5} and {s.seed for s in cpu} == {0, 1}
+    assert {s.model.width for s in cpu} == {0.5} and {s.seed for s in cpu} == {0, 1, 2}
+    conditions = {(dict(s.axes)["condition"], s.preprocess, s.model.init) for s in cpu}
+    assert conditions == {("paper", "paper", "paper"), ("modern", "standard", "default")}  # the zip beats the budget
     small = expand(grid, "cpu", overrides={"epochs": 2, "width": 0.25}, seeds=[5])
     assert {(s.epochs, s.model.width, s.seed) for s in small} == {(2, 0.25, 5)}
     with pytest.raises(UserError, match="no budget 'tiny'"):
