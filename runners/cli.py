@@ -273,13 +273,16 @@ def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results
     if checkpoint_every is not None:  # in the environment, so every worker process (--jobs, DDP, Ray) sees it
         os.environ["ABLATE_CHECKPOINT_SECONDS"] = repr(checkpoint_every)
     if dry_run:
-        g, specs = plan(grid, budget, overrides, seed_list)
         store = Store(Path(results))
+        g, specs = plan(grid, budget, overrides, seed_list, store)
         for s in specs:
             state = "done" if store.is_done(g.name, s.run_id) else "pending"
             axes = " ".join(f"{k}={v}" for k, v in s.axes)
             click.echo(f"{s.run_id}  {state:7s}  {axes} seed={s.seed} epochs={s.epochs}")
-        click.echo(f"{len(specs)} runs")
+        from ablations.grid import confirmation_count, expand
+        later = confirmation_count(g, budget, seed_list) - (len(specs) - len(expand(g, budget, overrides, seed_list)))
+        click.echo(f"{len(specs)} runs" + (f" (+ {later} confirmation runs at the chosen {g.tune['axis']} once the "
+                                           f"selection runs are done)" if later > 0 else ""))
         return
     if executor == "ray" and (jobs > 1 or nnodes > 1):
         raise UserError("--executor ray schedules the runs itself (a run's ranks share one node): drop --jobs "

@@ -58,12 +58,16 @@ def run_images(spec: RunSpec) -> tuple[int, int]:
 
 def estimate_table(grid_name: str, budget: str, overrides: dict, seeds: list[int] | None, device: str,
                    probe: bool, results: Path) -> Table:
+    from ablations.grid import confirmation_count, expand
     from runners.execute import plan
 
-    grid, specs = plan(grid_name, budget, overrides, seeds)
     store = Store(results)
+    grid, specs = plan(grid_name, budget, overrides, seeds, store)
     dev = str(pick_device(device))
-    table = Table(title=f"{grid.name} ({budget} budget): {len(specs)} runs on {dev}",
+    later = confirmation_count(grid, budget, seeds) - (len(specs) - len(expand(grid, budget, overrides, seeds)))
+    more = (f" (+ {later} confirmation runs at the chosen {grid.tune['axis']}, listed once the selection runs "
+            f"are done)") if later > 0 else ""
+    table = Table(title=f"{grid.name} ({budget} budget): {len(specs)} runs on {dev}{more}",
                   caption="time = epoch cap x images / probed training rate (eval at 3x that rate); "
                           "early stopping can only make it shorter")
     for col in ("run id", *grid.axis_names, "seed", "epochs", "GFLOP/img", "est. time", "state"):
