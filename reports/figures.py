@@ -20,6 +20,7 @@ from matplotlib.lines import Line2D
 from reports.claims import (INCONCLUSIVE, LARGER, MEASURED, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE, OPPOSITE,
                             REPRODUCED, SMALLER, ClaimResult, side_name)
 from reports.load import GridResults, canon, cell_label, display_axes
+from reports.output import write_atomic
 from reports.stats import clip, compare, mean_ci
 
 RC = {**sns.axes_style("whitegrid"), "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
@@ -35,8 +36,9 @@ VERDICT_COLORS = {REPRODUCED: PALETTE[2], SMALLER: PALETTE[1], LARGER: PALETTE[8
 def save(fig: Figure, out_dir: Path, name: str, dpi: int) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
-    fig.savefig(paths[0], dpi=dpi, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None})  # no timestamp: reruns diff clean
+    write_atomic(paths[0], lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+    # no timestamp in the SVG: reruns diff clean
+    write_atomic(paths[1], lambda f: fig.savefig(f, format="svg", bbox_inches="tight", metadata={"Date": None}))
     return paths
 
 

@@ -17,6 +17,7 @@ from ablations.grid import grid_names, load_grid
 from reports.claims import (INCONCLUSIVE, LARGER, MEASURED, NO_DATA, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE,
                             OPPOSITE, OVERFIT_POINTS, REPRODUCED, SMALLER, ClaimResult, evaluate)
 from reports.figures import forest_figure, grid_figures
+from reports.output import write_text
 from reports.load import CENSORABLE, METRICS, GridResults, canon, coverage, display_axes, load_results
 from reports.stats import LEVEL, N_RESAMPLES, RNG_SEED, cell_summary
 
@@ -98,7 +99,8 @@ def write_report(report: Report, out_dir: Path, dpi: int = 150) -> Path:
             from None
     figdir = out_dir / "figures"
     verdicts = pd.DataFrame([r.row() for r in report.results])
-    verdicts.to_csv(out_dir / "verdicts.csv", index=False)
+    write_text(out_dir / "verdicts.csv", verdicts.to_csv(index=False))
+    written = {out_dir / "verdicts.csv", out_dir / "REPORT.md"}
     forest = forest_figure(list(report.results), figdir, dpi)
     lines = _header(report) + _claims_markdown(report.results)
     if forest:
@@ -115,10 +117,15 @@ def write_report(report: Report, out_dir: Path, dpi: int = 150) -> Path:
         figures = grid_figures(grid, results, figdir, dpi)
         cells = _cells(grid)
         if len(cells):
-            cells.to_csv(out_dir / f"cells_{grid.name}.csv", index=False)
+            written.add(write_text(out_dir / f"cells_{grid.name}.csv", cells.to_csv(index=False)))
+        written |= set(figures)
         lines += _grid_markdown(grid, report.coverage[grid.name], figures, cells, out_dir)
     path = out_dir / "REPORT.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
+    written |= set(forest)
+    for old in [*out_dir.glob("cells_*.csv"), *figdir.glob("*.png"), *figdir.glob("*.svg")]:
+        if old not in written:  # a figure or table of a grid no longer reported: a stale file would mislead
+            old.unlink()
     return path
 
 

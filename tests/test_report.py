@@ -512,3 +512,24 @@ def test_runs_from_before_the_validation_split_are_not_testable(tmp_path):
     write_grid(tmp_path, "lrn", runs, [LRN_CLAIM], target=None)
     (r,) = evaluate(load_grid(tmp_path, "lrn"))
     assert r.verdict == NOT_TESTABLE and "predate the validation split" in r.reason
+
+
+def test_report_files_are_replaced_whole_and_stale_ones_removed(tmp_path):
+    from reports.output import write_atomic
+    from reports.render import render_report
+    write_grid(tmp_path / "results", "lrn", lrn_runs(range(3), 1.4), [LRN_CLAIM], target=None)
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "gone_grid_variants.png").write_bytes(b"old")
+    (out / "cells_gone_grid.csv").write_text("old")
+    render_report(tmp_path / "results", out, dpi=30)
+    assert not (out / "figures" / "gone_grid_variants.png").exists() and not (out / "cells_gone_grid.csv").exists()
+    good = (out / "REPORT.md").read_text()
+
+    def dies(f):
+        f.write(b"half a rep")
+        raise KeyboardInterrupt  # killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(out / "REPORT.md", dies)
+    assert (out / "REPORT.md").read_text() == good and not list(out.glob(".*tmp*"))
