@@ -10,6 +10,7 @@ means the zero padding of the crop is the mean (mean image in `paper` mode, chan
 """
 
 import functools
+import logging
 import sys
 from dataclasses import dataclass, fields
 
@@ -277,6 +278,9 @@ _COMPILE = {"ok": True}  # False once compiling has failed in this process
 
 @functools.cache
 def _compiled_augment():
+    # inductor's C++ toolchain probe looks for CUDA and logs "No CUDA runtime is found" on every CPU machine:
+    # noise for a CPU kernel, so that one logger only reports errors
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(compose_augment, dynamic=False)
 
 

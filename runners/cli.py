@@ -5,6 +5,7 @@ exit code 1 (with the traceback only under --debug)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 
@@ -63,7 +64,36 @@ class _Group(click.Group):
             sys.exit(1)
 
 
+def _version() -> str:
+    """The suite's version and the git commit it runs from (with "+dirty" for uncommitted changes)."""
+    import importlib.metadata
+    import subprocess
+    from pathlib import Path
+    try:
+        version = importlib.metadata.version("alexnet-ablate")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return f"ablate {version}" + (f", commit {commit}{'+dirty' if dirty else ''}" if commit else ", no git checkout")
+
+
+def _print_version(ctx: click.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(_version())
+        ctx.exit()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, _p, v: _print_version(ctx, v),
+              help="Print the version and git commit, then exit.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
@@ -89,14 +119,19 @@ _data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False),
 @click.argument("name", type=click.Choice(["cifar10", "cifar100"]))
 @click.argument("source")
 @_data_dir_option
-def data_import_cmd(name: str, source: str, data_dir: str | None) -> None:
+@click.option("--force", is_flag=True, help="Import again even when the cache already holds this archive.")
+def data_import_cmd(name: str, source: str, data_dir: str | None, force: bool) -> None:
     """Convert SOURCE once into the cache: an official cifar-10/100-python archive or its folder, a torchvision
     root, an image-folder tree or archive (train/<class>/*.png|jpg, test/...), or `download`."""
     import time
 
-    from runners.data import import_dataset, resolve_data_dir
+    from runners.data import cached_from, import_dataset, resolve_data_dir
 
     start = time.perf_counter()
+    if not force and (meta := cached_from(name, source, resolve_data_dir(data_dir))) is not None:
+        click.echo(f"{meta['label']} is already cached from {source} (sha256 {meta['sha256'][:12]}) in "
+                   f"{resolve_data_dir(data_dir) / name}; nothing to do (--force imports it again)")
+        return
     meta = import_dataset(name, source, resolve_data_dir(data_dir))
     counts = meta["counts"]
     click.echo(f"imported {meta['label']}: {counts['train']} train + {counts['test']} test images, "
@@ -131,7 +166,7 @@ def data_list_cmd(data_dir: str | None) -> None:
             continue
         table.add_row(m["name"], m["label"], str(m["counts"]["train"]), str(m["counts"]["test"]),
                       str(m["num_classes"]), m["source"], m["sha256"][:8])
-    Console().print(table)
+    _console().print(table)
 
 
 def _parse_seeds(value: str | None) -> list[int] | None:
@@ -155,12 +190,30 @@ def _overrides(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def _resolve_budget(budget: str, grid: str, device: str) -> str:
+    """`auto`: the gpu budget on a CUDA device, the grid's cpu budget otherwise (when it has one)."""
+    if budget != "auto":
+        return budget
+    from ablations.grid import load_grid
+    from runners.train import pick_device
+    if pick_device(device).type == "cuda":
+        return "gpu"
+    return "cpu" if "cpu" in load_grid(grid).budgets else "gpu"
+
+
+def _console():
+    """rich on a terminal; on a pipe or a CI log, lines as wide as they need (no wrapping, no cut cells)."""
+    from rich.console import Console
+    return Console() if sys.stdout.isatty() else Console(width=100_000, no_color=True, soft_wrap=True)
+
+
 _run_options = [
-    click.option("--budget", default="gpu", show_default=True,
-                 help="Budget preset from the grid file: gpu (the claim's full size) or cpu (shrunk)."),
+    click.option("--budget", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
+                 help="Budget preset from the grid file: gpu (the claim's full size), cpu (sized for a 2-core CPU), "
+                      "or auto: gpu on a CUDA device, cpu otherwise."),
     click.option("--dataset", type=click.Choice(["cifar10", "cifar100"]), help="Override the data set."),
     click.option("--epochs", type=int, help="Override the epoch cap of every run."),
-    click.option("--seeds", help="Number of seeds (3) or a list (0,4,7)."),
+    click.option("--seeds", help="A count (3: seeds 0, 1, 2) or a list (0,4,7); default: the grid's seeds."),
     click.option("--width", type=float, help="Override the width multiplier of the model."),
     click.option("--subset", type=int, help="Train on this many images (a fixed shuffle; 0 = all)."),
     click.option("--test-subset", type=int, help="Evaluate on this many test images (0 = all)."),
@@ -178,7 +231,8 @@ def _with_run_options(f):
 @main.command("list")
 @click.option("--results", "results", default="results", show_default=True, type=click.Path(),
               help="Results folder (to count finished runs).")
-def list_cmd(results: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the grids as JSON.")
+def list_cmd(results: str, as_json: bool) -> None:
     """List the grids, the claims each tests, and their run counts."""
     from pathlib import Path
 
@@ -192,38 +246,52 @@ def list_cmd(results: str) -> None:
     for col in ("grid", "title", "claims", "runs (gpu)", "runs (cpu)", "done"):
         table.add_column(col)
     store = Store(Path(results))
+    grids = []
     for name in grid_names():
         grid = load_grid(name)
         specs = expand(grid)
-        cpu = len(expand(grid, "cpu")) if "cpu" in grid.budgets else "-"
         cpu_specs = expand(grid, "cpu") if "cpu" in grid.budgets else []
         done = sum(store.is_done(name, s.run_id) for s in [*specs, *cpu_specs])
+        grids.append({"grid": name, "title": grid.title, "claims": [c["id"] for c in grid.claims],
+                      "tests_paper": grid.tests_paper, "runs_gpu": len(specs),
+                      "runs_cpu": len(cpu_specs) if "cpu" in grid.budgets else None, "done": done})
         table.add_row(name, grid.title, ", ".join(c["id"] for c in grid.claims) or "-", str(len(specs)),
-                      str(cpu), str(done))
-    Console().print(table)
+                      str(len(cpu_specs)) if "cpu" in grid.budgets else "-", str(done))
+    if as_json:
+        click.echo(json.dumps(grids, indent=2))
+        return
+    _console().print(table)
 
 
 @main.command("show")
 @click.argument("grid")
+@click.argument("settings", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs and estimates as JSON.")
 @_with_run_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] for the probe.")
 @click.option("--probe/--no-probe", default=True, show_default=True,
               help="Time a few training steps per distinct model to estimate the cost.")
 @click.option("--results", default="results", show_default=True, type=click.Path())
-def show_cmd(grid: str, budget: str, seeds: str | None, device: str, probe: bool, results: str, **kw) -> None:
+def show_cmd(grid: str, settings: tuple[str, ...], budget: str, seeds: str | None, device: str, probe: bool,
+             results: str, as_json: bool, **kw) -> None:
     """Show a grid's expanded runs and an estimated cost (FLOPs and a quick throughput probe)."""
     from pathlib import Path
 
-    from rich.console import Console
+    from ablations.grid import parse_overrides
+    from runners.cost import estimate_rows, estimate_table
 
-    from runners.cost import estimate_table
-
-    Console().print(estimate_table(grid, budget, _overrides(**kw), _parse_seeds(seeds), device, probe,
-                                   Path(results)))
+    overrides = {**_overrides(**kw), **parse_overrides(settings)}
+    budget = _resolve_budget(budget, grid, device)
+    if as_json:
+        click.echo(json.dumps(estimate_rows(grid, budget, overrides, _parse_seeds(seeds), device, probe,
+                                            Path(results)), indent=2, default=str))
+        return
+    _console().print(estimate_table(grid, budget, overrides, _parse_seeds(seeds), device, probe, Path(results)))
 
 
 @main.command("run")
 @click.option("--grid", "grid", required=True, help="Grid name (see `ablate list`).")
+@click.argument("settings", nargs=-1, metavar="[KEY=VALUE]...")
 @_with_run_options
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, or cuda[:N].")
 @click.option("--out", "results", default="results", show_default=True, type=click.Path(),
@@ -246,15 +314,22 @@ def show_cmd(grid: str, budget: str, seeds: str | None, device: str, probe: bool
               show_envvar=True, help="This node's rank; node 0 trains the grid and writes the results.")
 @click.option("--rdzv", default="", envvar="ABLATE_RDZV", show_envvar=True,
               help="HOST:PORT on node 0 where the nodes of a DDP run meet (needed with --nnodes > 1).")
+@click.option("--yes", "-y", is_flag=True,
+              help="Start even when the estimated time is over an hour (without it such a run stops with the "
+                   "estimate).")
 @click.option("--checkpoint-every", type=click.FloatRange(min=0), envvar="ABLATE_CHECKPOINT_SECONDS",
               show_envvar=True, metavar="SECONDS",
               help="Checkpoint after the first epoch that ends this long after the last checkpoint; 0: after "
                    "every epoch.  [default: 30]")
 @click.pass_context
-def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results: str, data_dir: str | None,
-            dry_run: bool, plain: bool, no_wait: bool, jobs: int, executor: str, address: str | None, nnodes: int,
-            node_rank: int, rdzv: str, checkpoint_every: float | None, **kw) -> None:
+def run_cmd(ctx, grid: str, settings: tuple[str, ...], budget: str, seeds: str | None, device: str, results: str,
+            data_dir: str | None, dry_run: bool, plain: bool, no_wait: bool, jobs: int, executor: str,
+            address: str | None, nnodes: int, node_rank: int, rdzv: str, yes: bool, checkpoint_every: float | None,
+            **kw) -> None:
     """Train every pending run of a grid; finished runs are skipped, interrupted ones resumed.
+
+    KEY=VALUE overrides any run setting (lr=0.02, augment=none) or a Cartesian axis's values
+    (axes.lrn=[true]), in TOML syntax; they are checked like the grid file and recorded in every run's spec.
 
     Exit codes: 0 all runs done (finished or diverged), 2 bad input, 3 some runs failed,
     75 some runs are being trained by another process, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM);
@@ -265,8 +340,11 @@ def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results
     from runners.progress import make_reporter
     from runners.store import Store
 
-    overrides = _overrides(**kw)
+    from ablations.grid import parse_overrides
+
+    overrides = {**_overrides(**kw), **parse_overrides(settings)}
     seed_list = _parse_seeds(seeds)
+    budget = _resolve_budget(budget, grid, device)
     if checkpoint_every is not None and not checkpoint_every < float("inf"):  # FloatRange lets nan, inf through
         raise UserError(f"--checkpoint-every (or ABLATE_CHECKPOINT_SECONDS) must be a number of seconds >= 0, got "
                         f"{checkpoint_every}")
@@ -292,6 +370,10 @@ def run_cmd(ctx, grid: str, budget: str, seeds: str | None, device: str, results
     if jobs > 1 and nnodes > 1:
         raise UserError("--jobs and --nnodes do not mix: a multi-node grid trains one run at a time")
     data_path = Path(data_dir) if data_dir else None
+    if node_rank == 0 and not yes:
+        from runners.cost import check_cost
+        Store(Path(results)).check_writable()
+        check_cost(grid, budget, overrides, seed_list, device, Path(results))
     reporter = None
     try:
         if nnodes > 1:
@@ -360,8 +442,10 @@ def model_cmd(arch: str, **kw) -> None:
 @click.option("--grid", "grids", multiple=True, metavar="NAME", help="Report this grid (repeatable; default: all).")
 @click.option("--results", default="results", show_default=True, type=click.Path(), help="Results folder.")
 @click.option("--out", default=None, type=click.Path(), help="Report folder  [default: <results>/report]")
-@click.option("--dpi", default=150, show_default=True, type=click.IntRange(min=30), help="PNG resolution.")
-def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int) -> None:
+@click.option("--dpi", default=150, show_default=True, type=click.IntRange(min=30, max=1200),
+              help="PNG resolution.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON (the report is written as ever).")
+def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int, as_json: bool) -> None:
     """Aggregate results, decide each claim's verdict, write REPORT.md, verdicts.csv and figures."""
     from pathlib import Path
 
@@ -371,7 +455,13 @@ def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int) 
 
     report = build_report(Path(results), list(grids) or None)
     path = write_report(report, Path(out) if out else Path(results) / "report", dpi)
-    Console().print(claims_table(report))
+    if as_json:
+        rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.row().items()}
+                for r in report.results]
+        click.echo(json.dumps({"report": str(path), "verdicts": rows, "coverage": report.coverage}, indent=2,
+                              default=str))
+        return
+    _console().print(claims_table(report))
     for grid, notes in report.coverage.items():
         click.echo(f"{grid}: {'; '.join(notes)}")
     click.echo(f"report written to {path}")
@@ -397,9 +487,10 @@ def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int) 
 @click.option("--update-baseline", is_flag=True, help="Re-measure the gate and write <out>/baseline-cpu.json.")
 @click.option("--show", "saved", type=click.Path(dir_okay=False),
               help="Measure nothing: print the table and targets of a saved bench CSV.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
 def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, quick: bool, compile_: bool | None,
               threads: int | None, out: str, data_dir: str | None, baseline: str | None, tolerance: float | None,
-              update_baseline: bool, saved: str | None) -> None:
+              update_baseline: bool, saved: str | None, as_json: bool) -> None:
     """Training throughput of the seed chapter's reference and the suite side by side, the data pipeline, the
     run loop's overhead and the machine's GEMM ceilings, measured interleaved in one process.
 
@@ -421,7 +512,10 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
         return
     if saved:
         result = bench.read_results(Path(saved))
-        Console().print(bench.bench_table(result))
+        if as_json:
+            click.echo(result.rows.to_json(orient="records", indent=2))
+            return
+        _console().print(bench.bench_table(result))
         click.echo("\n".join(bench.target_lines(bench.check_targets(result.rows))))
         return
     if baseline:
@@ -432,7 +526,10 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
                             repeats=repeats or (3 if quick else 5), threads=threads,
                             data_dir=Path(data_dir) if data_dir else None)
     result = bench.run_bench(cfg, say=lambda msg: console.print(f"[dim]{msg}[/dim]"))
-    Console().print(bench.bench_table(result))
+    if as_json:
+        click.echo(result.rows.to_json(orient="records", indent=2))
+    else:
+        _console().print(bench.bench_table(result))
     for line in bench.target_lines(bench.check_targets(result.rows)):
         click.echo(line)
     path, latest = bench.write_results(result, Path(out))

@@ -56,6 +56,54 @@ def run_images(spec: RunSpec) -> tuple[int, int]:
     return train, test
 
 
+HOUR = 3600.0
+
+
+def _fmt_hours(seconds: float) -> str:
+    return f"{seconds / HOUR:.1f} h" if seconds >= HOUR else f"{seconds / 60:.0f} min"
+
+
+def estimate_rows(grid_name: str, budget: str, overrides: dict, seeds: list[int] | None, device: str,
+                  probe: bool, results: Path) -> dict:
+    """The grid's runs with their estimates, for `ablate show --json` and the cost guard."""
+    from ablations.grid import confirmation_count, expand
+    from runners.execute import plan
+
+    store = Store(results)
+    grid, specs = plan(grid_name, budget, dict(overrides), seeds, store)
+    dev = str(pick_device(device))
+    runs, total = [], 0.0
+    for s in specs:
+        train, test = run_images(s)
+        seconds = None
+        if probe:
+            seconds = (train + test / 3) / probe_images_per_second(s.model, s.batch_size // s.devices, s.precision, dev)
+        done = store.is_done(grid.name, s.run_id)
+        total += 0.0 if done or seconds is None else seconds
+        runs.append({"run_id": s.run_id, "axes": dict(s.axes), "seed": s.seed, "epochs": s.epochs,
+                     "gflop_per_image": train_flops_per_image(s.model) / 1e9, "estimated_seconds": seconds,
+                     "state": "done" if done else "pending"})
+    later = confirmation_count(grid, budget, seeds) - (len(specs) - len(expand(grid, budget, dict(overrides), seeds)))
+    return {"grid": grid.name, "budget": budget, "device": dev, "runs": runs, "pending_runs": sum(
+        r["state"] == "pending" for r in runs), "confirmation_runs_to_come": max(later, 0),
+        "estimated_pending_seconds": total if probe else None}
+
+
+def check_cost(grid_name: str, budget: str, overrides: dict, seeds: list[int] | None, device: str,
+               results: Path, limit_s: float = HOUR) -> None:
+    """Stop (one line, exit 2) before a run whose pending work is estimated at over `limit_s`, unless --yes.
+    The estimate is the epoch caps' work at a probed rate: early stopping only makes it shorter."""
+    est = estimate_rows(grid_name, budget, overrides, seeds, device, True, results)
+    if est["estimated_pending_seconds"] > limit_s:
+        from ablations.errors import UserError
+        more = f" plus {est['confirmation_runs_to_come']} confirmation runs" if est["confirmation_runs_to_come"] \
+            else ""
+        raise UserError(f"grid {grid_name} ({budget} budget): {est['pending_runs']} pending runs{more} estimated at "
+                        f"up to {_fmt_hours(est['estimated_pending_seconds'])} on {est['device']} (at the epoch caps; "
+                        f"early stops make it shorter); add --yes to start, or shrink it (--epochs, --subset, "
+                        f"--seeds), or see `ablate show {grid_name} --budget {budget}`")
+
+
 def estimate_table(grid_name: str, budget: str, overrides: dict, seeds: list[int] | None, device: str,
                    probe: bool, results: Path) -> Table:
     from ablations.grid import confirmation_count, expand

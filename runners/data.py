@@ -508,6 +508,25 @@ def _write_cache(target: Path, arrays: dict[str, np.ndarray], meta: dict) -> Non
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
+def cached_from(name: str, source: str | Path, data_dir: Path | None = None) -> dict | None:
+    """The cache's metadata when it was imported from this very archive (same path and sha256) and still loads;
+    else None. A folder source is never assumed unchanged."""
+    path = Path(source).expanduser()
+    if str(source) == "download" or not path.is_file():
+        return None
+    try:
+        meta = json.loads((resolve_data_dir(data_dir) / name / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("source") != str(path.resolve()) or meta.get("source_sha256") != _file_sha256(path):
+        return None
+    try:
+        load_dataset(name, data_dir)
+    except UserError:
+        return None
+    return meta
+
+
 def import_dataset(name: str, source: str | Path, data_dir: Path | None = None) -> dict:
     """Convert any supported source into the cache once; returns the cache's metadata."""
     info = _info(name)

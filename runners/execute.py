@@ -22,6 +22,7 @@ from ablations.spec import RunSpec
 from runners.data import load_dataset, resolve_data_dir
 from runners.progress import PlainReporter
 from runners.faults import fault_point
+from runners.tblog import RunLog
 from runners.store import FINISHED, RunLock, Store, atomic_write_json, remove_stale_temps
 from runners.train import pick_device, train_run
 
@@ -195,14 +196,30 @@ def _attempt(spec: RunSpec, i: int, total: int, store: Store, grid: str, dataset
 
 def train_one(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[str, Any],
               reporter: PlainReporter, lock: RunLock, data_dir: Path | None = None):
-    """One run in this process, or, for devices > 1, through torch.distributed.run (runners/ddp.py)."""
+    """One run in this process, or, for devices > 1, through torch.distributed.run (runners/ddp.py). Each
+    finished epoch also goes to the run's TensorBoard log (runners/tblog.py) when TensorBoard is installed."""
+    tb = RunLog(rdir, spec)
+
     def on_epoch(row: dict) -> None:
         lock.heartbeat()
         reporter.epoch(row)
+        tb.epoch(row)
 
-    if spec.devices > 1:
-        from runners.ddp import launch_ddp_run
-        return launch_ddp_run(spec, rdir, dev, context, on_epoch, data_dir)
+    try:
+        if spec.devices > 1:
+            from runners.ddp import launch_ddp_run
+            result = launch_ddp_run(spec, rdir, dev, context, on_epoch, data_dir)
+        else:
+            result = _train_here(spec, data, rdir, dev, context, reporter, on_epoch)
+    except BaseException:
+        tb.close()
+        raise
+    tb.close(result.summary.get("metrics"))
+    return result
+
+
+def _train_here(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[str, Any],
+                reporter: PlainReporter, on_epoch: Callable[[dict], None]):
 
     def on_step(i: int, n: int) -> None:
         fault_point("step", spec.run_id)

@@ -8,6 +8,7 @@ dies leaves its run's last epoch checkpoint and a lock that goes stale; rerunnin
 Ray is an optional extra (`pip install -e '.[ray]'`), imported only here and only for `--executor ray`."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,9 +37,9 @@ def job_command(grid: str, results: Path, budget: str, overrides: dict, seeds: l
                 data_dir: Path | None, device: str, wait_for_others: bool) -> list[str]:
     """The `ablate run` command line each job runs: the same grid and options, without --jobs."""
     cmd = [sys.executable, "-m", "runners.cli", "run", "--grid", grid, "--out", str(results), "--budget", budget,
-           "--device", device, "--plain"]
+           "--device", device, "--plain", "--yes"]  # the parent already checked the cost
     for key, value in overrides.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
+        cmd.append(f"{key}={json.dumps(value)}")  # JSON's numbers, strings, true/false and lists are TOML too
     if seeds is not None:  # a count when it means 0..n-1, else a list (a trailing comma: never a count)
         cmd += ["--seeds", str(len(seeds)) if seeds == list(range(len(seeds))) else ",".join(map(str, seeds)) + ","]
     if data_dir is not None:

@@ -30,7 +30,7 @@ class PlainReporter:
     def start_run(self, spec, i: int, total: int) -> None:
         self._t0 = time.perf_counter()
         self._say(f"[{i}/{total}] run {spec.run_id} {_label(dict(spec.axes), spec.seed)} "
-                  f"({spec.epochs} epochs max)")
+                  f"({spec.epochs} epoch{'s' * (spec.epochs != 1)} max)")
 
     def step(self, i: int, n: int) -> None:
         pass

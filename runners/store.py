@@ -34,6 +34,7 @@ TMP_MARK = ".tmp"  # a write goes to .<name>.tmp<pid> first
 EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "clean_train_loss",
                  "clean_train_error", "predicted_classes", "test_loss", "test_error", "test_error_top5",
                  "epoch_seconds", "images_per_second", "cum_seconds"]
+AGGREGATE_EPOCH_COLUMNS = ["epoch_lr" if c == "lr" else c for c in EPOCH_COLUMNS]  # results/<grid>/epochs.csv
 # the running training error, TRACE_POINTS times per epoch (runners/train.py: trace_rows)
 TRACE_COLUMNS = ["epoch", "segment_wrong", "segment_loss_sum", "segment_images", "segment_error", "window_error",
                  "window_loss"]
@@ -268,7 +269,7 @@ class Store:
     def summary(self, grid: str, run_id: str) -> dict | None:
         try:
             return json.loads((self.run_dir(grid, run_id) / "summary.json").read_text())
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             return None
 
     def is_done(self, grid: str, run_id: str) -> bool:
@@ -317,10 +318,12 @@ class Store:
                 ep = run_epochs(rdir, summary, warn)
                 if ep is not None:
                     label_cols = {k: row[k] for k in ["run_id", "grid", *summary["axes"], "seed"]}
-                    epochs.append(ep.assign(**label_cols)[[*label_cols, *EPOCH_COLUMNS]])
+                    # the epoch's own rate as epoch_lr, so an `lr` axis and it never share a column name
+                    ep = ep.rename(columns={"lr": "epoch_lr"})
+                    epochs.append(ep.assign(**label_cols)[[*label_cols, *AGGREGATE_EPOCH_COLUMNS]])
             runs_df = pd.DataFrame(runs)
             epochs_df = pd.concat(epochs, ignore_index=True) if epochs else pd.DataFrame(
-                columns=["run_id", "grid", "seed", *EPOCH_COLUMNS])
+                columns=["run_id", "grid", "seed", *AGGREGATE_EPOCH_COLUMNS])
             if len(runs_df):
                 atomic_write_csv(gdir / "runs.csv", runs_df)
                 atomic_write_csv(gdir / "epochs.csv", epochs_df)

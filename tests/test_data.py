@@ -387,3 +387,18 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and res.output.startswith("error: source ") and res.output.count("\n") == 1
     res = runner.invoke(main, ["data", "list", "--data-dir", str(tmp_path / "empty")])
     assert res.exit_code == 0 and "no data sets in" in res.output
+
+
+def test_importing_the_same_archive_again_does_nothing(tmp_path):
+    from click.testing import CliRunner
+    from runners.cli import main
+    from tests.cifar_fixtures import archive as pack, generate, write_official
+    folder = write_official(tmp_path / "src", generate("cifar10", n_train=60, n_test=20, seed=4))
+    archive = pack(folder, tmp_path / "cifar-10-python.tar.gz")
+    args = ["data", "import", "cifar10", str(archive), "--data-dir", str(tmp_path / "cache")]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0 and first.output.startswith("imported"), first.output
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "already cached" in again.output, again.output
+    forced = CliRunner().invoke(main, [*args, "--force"])
+    assert forced.exit_code == 0 and forced.output.startswith("imported"), forced.output

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from runners.cli import main
-from runners.store import EPOCH_COLUMNS
+from runners.store import AGGREGATE_EPOCH_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ["epoch_seconds", "images_per_second", "cum_seconds", "wall_seconds", "train_seconds",
@@ -50,7 +50,8 @@ def test_smoke_grid_end_to_end_and_rerun_trains_nothing(tmp_path, data_dir):
     epochs = pd.read_csv(tmp_path / "smoke" / "epochs.csv")
     assert len(runs) == 8 and set(runs.status) == {"finished"}
     assert set(RUN_COLUMNS) <= set(runs.columns)
-    assert set(EPOCH_COLUMNS) <= set(epochs.columns) and {"activation", "lrn", "seed"} <= set(epochs.columns)
+    assert set(AGGREGATE_EPOCH_COLUMNS) <= set(epochs.columns) and {"activation", "lrn", "seed"} <= set(epochs.columns)
+    assert epochs.columns.is_unique  # an `lr` axis and the epoch's own rate (epoch_lr) never share a name
     assert len(epochs) == runs.epochs_run.sum() == 16  # one row per run-epoch
     for rid, group in epochs.groupby("run_id"):
         assert list(group.epoch) == [1, 2]
@@ -302,3 +303,15 @@ def test_sigterm_saves_the_last_epoch_releases_the_lock_and_the_rerun_says_where
     again = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, again
     assert "resuming at epoch" in again
+
+
+def test_a_run_logs_its_epochs_and_settings_to_tensorboard(tmp_path, data_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    result = CliRunner().invoke(main, _args(tmp_path, data_dir, "--seeds", "1"))
+    assert result.exit_code == 0, result.output
+    runs = pd.read_csv(tmp_path / "smoke" / "runs.csv")
+    for rid in runs.run_id:
+        acc = EventAccumulator(str(tmp_path / "smoke" / "runs" / rid / "tb"))
+        acc.Reload()
+        assert {"train_loss", "val_error", "test_error", "clean_train_error"} <= set(acc.Tags()["scalars"])
+        assert [e.step for e in acc.Scalars("test_error")] == [1, 2]  # one point per epoch
