@@ -153,3 +153,17 @@ def test_grid_names_cannot_escape_the_grids_folder(name):
 def test_unknown_grid_lists_known():
     with pytest.raises(UserError, match="known grids: augmentation"):
         load_grid("nope")
+
+
+def test_key_value_overrides_reach_every_spec_and_its_run_id():
+    from ablations.grid import parse_overrides
+    grid = load_grid("lrn")
+    base = expand(grid, "cpu")
+    over = expand(grid, "cpu", overrides=parse_overrides(["lr=0.02", "augment=none", "axes.lrn=[true]"]))
+    assert {s.lr for s in over} == {0.02} and {s.augment for s in over} == {"none"}
+    assert {s.model.lrn for s in over} == {True} and len(over) == len(base) // 2
+    assert not {s.run_id for s in over} & {s.run_id for s in base}  # another setting: another run id
+    assert parse_overrides(['augment="flip"', "dropout=0.5", "lrn=true"]) == {"augment": "flip", "dropout": 0.5,
+                                                                             "lrn": True}
+    with pytest.raises(UserError, match="not a Cartesian axis"):
+        expand(grid, "cpu", overrides=parse_overrides(["axes.pooling=[\"seed\"]"]))
