@@ -277,3 +277,33 @@ def claims_table(report: Report) -> Table:
         cells[3] = f"[{color}]{cells[3]}[/{color}]"
         table.add_row(*cells)
     return table
+
+
+# ---------------------------------------------------------------- the README's claims block
+
+README_START, README_END = "<!-- claims:start (written by `ablate report --readme`) -->", "<!-- claims:end -->"
+
+
+def readme_block(report: Report) -> list[str]:
+    """The short claims table for the README: one line per claim row of the paper, with verdict and budget."""
+    lines = ["| claim | paper | ours (95% CI) | verdict | seeds | budget |", "|---|---|---|---|---|---|"]
+    for r in (r for r in report.results if not r.claim.secondary):
+        name = r.claim.id + (f" ({r.split_label})" if r.split else "")
+        lines.append("| " + " | ".join(_md(x) for x in (name, r.paper_text(), r.ours_text(), r.verdict, r.n_text,
+                                                         r.budget or "-")) + " |")
+    labels = sorted({r.dataset_label for r in report.results if r.dataset_label})
+    lines += ["", f"Data: {', '.join(labels) or 'none yet'}. Each verdict's reason, the regime its runs reached and "
+                  f"the rule: [`results/report/REPORT.md`](results/report/REPORT.md)."]
+    return lines
+
+
+def update_readme(report: Report, readme: Path) -> Path:
+    """Rewrite the block between README_START and README_END in `readme` with the claims table."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise UserError(f"{readme} has no claims block; add the two marker lines {README_START!r} and "
+                        f"{README_END!r} where the table should go")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    write_text(readme, head + README_START + "\n" + "\n".join(readme_block(report)) + "\n" + README_END + tail)
+    return readme

@@ -445,7 +445,10 @@ def model_cmd(arch: str, **kw) -> None:
 @click.option("--dpi", default=150, show_default=True, type=click.IntRange(min=30, max=1200),
               help="PNG resolution.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON (the report is written as ever).")
-def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int, as_json: bool) -> None:
+@click.option("--readme", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Also rewrite the claims block of this README (e.g. README.md) with the claims table.")
+def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int, as_json: bool,
+               readme: str | None) -> None:
     """Aggregate results, decide each claim's verdict, write REPORT.md, verdicts.csv and figures."""
     from pathlib import Path
 
@@ -455,6 +458,9 @@ def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int, 
 
     report = build_report(Path(results), list(grids) or None)
     path = write_report(report, Path(out) if out else Path(results) / "report", dpi)
+    if readme:
+        from reports.render import update_readme
+        update_readme(report, Path(readme))
     if as_json:
         rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.row().items()}
                 for r in report.results]

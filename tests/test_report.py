@@ -533,3 +533,17 @@ def test_report_files_are_replaced_whole_and_stale_ones_removed(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_atomic(out / "REPORT.md", dies)
     assert (out / "REPORT.md").read_text() == good and not list(out.glob(".*tmp*"))
+
+
+def test_the_readme_claims_block_is_written_by_the_report(tmp_path):
+    from reports.render import README_END, README_START, build_report, update_readme
+    write_grid(tmp_path / "results", "lrn", lrn_runs(range(3), 1.4, noise_points=0.05), [LRN_CLAIM], target=None)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{README_START}\nold table\n{README_END}\n\nmore text\n")
+    update_readme(build_report(tmp_path / "results"), readme)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# title") and text.endswith("more text\n")
+    assert "| lrn | +1.40 pts |" in text and "reproduced" in text
+    readme.write_text("no markers")
+    with pytest.raises(UserError, match="no claims block"):
+        update_readme(build_report(tmp_path / "results"), readme)
