@@ -543,7 +543,7 @@ def test_the_readme_claims_block_is_written_by_the_report(tmp_path):
     update_readme(build_report(tmp_path / "results"), readme)
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# title") and text.endswith("more text\n")
-    assert "| lrn | +1.40 pts |" in text and "reproduced" in text
+    assert "| lrn | +1.40 pts | +1.42 pts [+1.40, +1.44] | same direction, larger | 3 | gpu |" in text
     readme.write_text("no markers")
     with pytest.raises(UserError, match="no claims block"):
         update_readme(build_report(tmp_path / "results"), readme)
