@@ -327,6 +327,36 @@ def _check_claim(claim: Any, i: int, where: str, axis_values: dict[str, list]) -
     return out
 
 
+AXIS_PREFIX = "axes."  # an override `axes.NAME=[...]` replaces the values of a Cartesian axis
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`key=value` words from the command line (Hydra's spelling), values in TOML syntax: lr=0.02,
+    augment=none or augment="none", axes.lrn=[true], axes.lr_scale=[0.5, 1.0]. Checked like the grid file."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UserError(f"override {item!r} is not key=value (e.g. lr=0.02 or axes.lrn=[true])")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            if not re.fullmatch(r"[A-Za-z_][\w.-]*", text.strip()):
+                raise UserError(f"override {item!r}: {text!r} is not a TOML value (a number, true/false, a word, "
+                                f"\"a string\" or a [list])") from None
+            value = text.strip()  # a bare word: relu, crop_flip
+        if key.startswith(AXIS_PREFIX):
+            name = key[len(AXIS_PREFIX):]
+            _check_axis(name, value, f"override {item}")
+        else:
+            value = check_value(key, value, f"override {item}")
+        if key in out:
+            raise UserError(f"override {key!r} is given twice; give each key once")
+        out[key] = value
+    return out
+
+
 def expand(grid: Grid, budget: str = "gpu", overrides: dict[str, Any] | None = None,
            seeds: list[int] | None = None,
            chooser: Callable[[list[RunSpec]], Any | None] | None = None) -> list[RunSpec]:
@@ -346,6 +376,12 @@ def expand(grid: Grid, budget: str = "gpu", overrides: dict[str, Any] | None = N
             seeds = list(grid.budgets[budget]["seeds"])
     seeds = list(grid.seeds) if seeds is None else seeds
     axes = {**grid.axes, **grid.budgets.get(budget, {}).get("axes", {})}
+    for key in [k for k in overrides if k.startswith(AXIS_PREFIX)]:
+        name = key[len(AXIS_PREFIX):]
+        if name not in grid.axes:
+            raise UserError(f"override {key}: {name!r} is not a Cartesian axis of grid {grid.name!r} "
+                            f"(its axes: {', '.join(grid.axes) or 'none'})")
+        axes[name] = overrides.pop(key)
     for key, value in overrides.items():
         check_value(key, value, f"option --{key.replace('_', '-')}")
 
