@@ -195,7 +195,8 @@ def variants_figure(grid: GridResults, axis: str, claims: list[ClaimResult], out
                     ax.scatter(x + jitter, values, s=14, color=PALETTE[j], alpha=0.45, zorder=1)
             ax.set_xticks(range(len(order)), order, rotation=20 if max(map(len, order)) > 8 else 0)
             ax.set(xlabel=axis, ylabel=ylabel.split(": ")[-1], title=ylabel.split(" (")[0].split(": ")[0])
-            ax.legend(title=", ".join(other) if other else "dots: seeds", loc="best")
+            if ax.get_legend_handles_labels()[0]:  # nothing labelled when no variant has a value
+                ax.legend(title=", ".join(other) if other else "dots: seeds", loc="best")
         fig.suptitle(_wrap(f"{grid.name}: per {axis}, mean and 95% CI over seeds - "
                            f"{grid.label('dataset_label', 'dataset')}", 90))
         return save(fig, out_dir, f"{grid.name}_{axis}_variants", dpi)
