@@ -63,7 +63,13 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "plateau_patience": (0, True), "max_lr_drops": (0, True), "early_stop_below": (0, True),
     "loss_target": (0, True), "seed": (0, True),
 }
-UPPER: dict[str, float] = {"dropout": 0.99, "momentum": 0.999}
+# upper bounds: the paper's regimes fit far inside them; beyond them a value is a typo, not an experiment
+UPPER: dict[str, float] = {"dropout": 0.99, "momentum": 0.999, "epochs": 10_000, "batch_size": 65_536,
+                           "subset": 10_000_000, "test_subset": 10_000_000, "val_size": 1_000_000, "devices": 1024,
+                           "lr": 1e3, "lr_scale": 1e3, "weight_decay": 1.0, "step_epochs": 10_000,
+                           "plateau_patience": 10_000, "max_lr_drops": 100, "early_stop_below": 1e6,
+                           "loss_target": 1e6, "seed": 2 ** 31 - 1}
+MAX_SEEDS = 1000
 CLAIM_KEYS = {"id", "paper_claim", "title", "metric", "axis", "a", "b", "effect", "paper", "tune", "fixed", "note",
               "margin", "regime", "paper_marks"}
 REGIMES = ("learning", "overfitting")  # overfitting: testable only where the unregularised side a over-fits
@@ -131,6 +137,8 @@ def parse_grid(name: str, path: Path) -> Grid:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: not valid TOML ({err}); fix the file") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a grid file; a grid is a few flat tables") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text (UTF-8) file; a grid is a TOML text file") from None
     except OSError as err:
@@ -236,6 +244,8 @@ def _check_seeds(seeds: Any, where: str) -> None:
             or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
             or len(set(seeds)) != len(seeds)):
         raise UserError(f"{where}: expected a non-empty list of distinct non-negative integers, got {seeds!r}")
+    if len(seeds) > MAX_SEEDS or max(seeds) > UPPER["seed"]:
+        raise UserError(f"{where}: at most {MAX_SEEDS} seeds, each below 2^31, got {len(seeds)} up to {max(seeds)}")
 
 
 def _no_unknown(table: dict, allowed: set[str], where: str, what: str) -> None:

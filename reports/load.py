@@ -95,6 +95,7 @@ def load_grid(results_dir: Path, name: str) -> GridResults:
         return GridResults(name, gdir, meta, pd.DataFrame(columns=RUN_KEYS), pd.DataFrame(columns=EPOCH_KEYS))
     runs = _read_csv(gdir / "runs.csv", [*RUN_KEYS, *[a for a in meta.get("axes", [])]], rerun)
     epochs = _read_csv(gdir / "epochs.csv", EPOCH_KEYS, rerun)
+    _check_against_run_folders(gdir, runs, epochs, run_folders, rerun)
     runs, notes = _current_settings(runs, meta)
     runs = derive_metrics(runs, meta)
     epochs = epochs[epochs.run_id.isin(runs.run_id)]
@@ -115,6 +116,26 @@ def run_settings(gdir: Path, run_ids: list[str]) -> tuple[tuple[str, tuple[str, 
         for k, v in flat.items():
             seen.setdefault(k, {})[canon(v)] = None
     return tuple((k, tuple(sorted(v, key=lambda x: (len(x), x)))) for k, v in sorted(seen.items()))
+
+
+def _check_against_run_folders(gdir: Path, runs: pd.DataFrame, epochs: pd.DataFrame, folders: list[Path],
+                               rerun: str) -> None:
+    """The aggregates are derived from the run folders: a duplicated row, a finished run missing from runs.csv, a
+    row without its run, or epoch rows of unknown runs mean they are out of date or edited; refuse to report."""
+    dup = runs.run_id[runs.run_id.duplicated()]
+    if len(dup):
+        raise UserError(f"{gdir / 'runs.csv'} lists run {dup.iloc[0]} more than once; {rerun}")
+    if not folders:
+        return
+    finished = {p.name for p in folders if (p / "summary.json").is_file()}
+    listed = set(runs.run_id.astype(str))
+    missing, extra = finished - listed, listed - {p.name for p in folders}
+    if missing or extra:
+        raise UserError(f"{gdir / 'runs.csv'} is out of date with its run folders ({len(missing)} finished run(s) "
+                        f"missing, {len(extra)} row(s) without a run folder); {rerun}")
+    unknown = set(epochs.run_id.astype(str)) - listed
+    if unknown:
+        raise UserError(f"{gdir / 'epochs.csv'} holds rows of {len(unknown)} run(s) not in runs.csv; {rerun}")
 
 
 def _read_meta(path: Path, name: str, rerun: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from runners.progress import PlainReporter
 from runners.faults import fault_point
 from runners.tblog import RunLog
 from runners.store import FINISHED, RunLock, Store, atomic_write_json, remove_stale_temps
-from runners.train import pick_device, train_run
+from runners.train import check_data_fits, pick_device, train_run
 
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_BUSY = 0, 3, 75
 
@@ -104,6 +104,8 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
     check_devices(specs, dev)
     data_dir = resolve_data_dir(data_dir)
     datasets = {name: load_dataset(name, data_dir) for name in sorted({s.dataset for s in specs})}
+    for s in specs:  # before anything is written
+        check_data_fits(s, datasets[s.dataset])
 
     write_grid_json(store, grid, specs, budget, overrides, datasets, command)
 

@@ -158,6 +158,23 @@ def validation_split(labels: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(picks).sort().values if picks else torch.zeros(0, dtype=torch.long)
 
 
+def check_data_fits(spec: RunSpec, data: CifarData) -> None:
+    """The validation split, subset and test subset fit the imported data (one line naming the limit if not)."""
+    from ablations.errors import UserError
+    n_train, n_test = len(data.train_y), len(data.test_y)
+    if spec.val_size and spec.val_size >= n_train:
+        raise UserError(f"val_size {spec.val_size} leaves no training images of the {n_train} imported; "
+                        f"choose a smaller val_size")
+    left = n_train - spec.val_size
+    if spec.subset > left:
+        raise UserError(f"subset {spec.subset} is more than the {left} training images "
+                        f"{'left after the validation split' if spec.val_size else 'imported'}; choose at most "
+                        f"{left}, or 0 for all")
+    if spec.test_subset > n_test:
+        raise UserError(f"test_subset {spec.test_subset} is more than the {n_test} test images imported; "
+                        f"choose at most {n_test}, or 0 for all")
+
+
 def select_data(spec: RunSpec, data: CifarData, device: torch.device) -> DeviceData:
     """Validation split first (stratified, fixed), then `subset` images of the rest from a fixed shuffle (seed 0,
     the same for every run, so classes stay balanced), then the clean slice and `test_subset` the same way."""
@@ -168,10 +185,8 @@ def select_data(spec: RunSpec, data: CifarData, device: torch.device) -> DeviceD
             return torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:n]
         return torch.arange(n_all)
 
+    check_data_fits(spec, data)
     n_train = len(data.train_y)
-    if spec.val_size and spec.val_size >= n_train:
-        raise UserError(f"val_size {spec.val_size} leaves no training images of the {n_train} imported; "
-                        f"choose a smaller val_size")
     val_idx = validation_split(data.train_y, spec.val_size) if spec.val_size else torch.zeros(0, dtype=torch.long)
     keep = torch.ones(n_train, dtype=torch.bool)
     keep[val_idx] = False

@@ -547,3 +547,20 @@ def test_the_readme_claims_block_is_written_by_the_report(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(UserError, match="no claims block"):
         update_readme(build_report(tmp_path / "results"), readme)
+
+
+def test_the_report_refuses_aggregates_that_disagree_with_the_run_folders(tmp_path):
+    gdir = write_grid(tmp_path, "lrn", lrn_runs(range(2), 1.0), [LRN_CLAIM], target=None)
+    runs = pd.read_csv(gdir / "runs.csv")
+    for rid in runs.run_id:
+        (gdir / "runs" / rid).mkdir(parents=True)
+        (gdir / "runs" / rid / "summary.json").write_text("{}")
+    load_grid(tmp_path, "lrn")  # consistent: fine
+    (gdir / "runs" / "extra0000001").mkdir()
+    (gdir / "runs" / "extra0000001" / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match=r"out of date with its run folders \(1 finished run\(s\) missing"):
+        load_grid(tmp_path, "lrn")
+    (gdir / "runs" / "extra0000001" / "summary.json").unlink()
+    pd.concat([runs, runs.iloc[:1]]).to_csv(gdir / "runs.csv", index=False)
+    with pytest.raises(UserError, match="more than once"):
+        load_grid(tmp_path, "lrn")

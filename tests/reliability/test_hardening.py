@@ -131,3 +131,11 @@ def test_a_waiting_process_says_once_what_it_waits_for(tmp_path, data_dir):
     holder.wait()
     assert ran.code == 0, ran.output
     assert ran.output.count(f"waiting for run {specs[0].run_id}: it is being trained by pid {holder.pid}") == 1
+
+
+def test_a_deeply_nested_grid_file_is_one_line(tmp_path):
+    from ablations.grid import parse_grid
+    path = tmp_path / "deep.toml"
+    path.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError, match="nested too deeply|not valid TOML"):
+        parse_grid("deep", path)
