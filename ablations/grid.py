@@ -66,7 +66,7 @@ BOUNDS: dict[str, tuple[float, bool]] = {
 # upper bounds: the paper's regimes fit far inside them; beyond them a value is a typo, not an experiment
 UPPER: dict[str, float] = {"dropout": 0.99, "momentum": 0.999, "epochs": 10_000, "batch_size": 65_536,
                            "subset": 10_000_000, "test_subset": 10_000_000, "val_size": 1_000_000, "devices": 1024,
-                           "lr": 1e3, "lr_scale": 1e3, "weight_decay": 1.0, "step_epochs": 10_000,
+                           "lr": 1e6, "lr_scale": 1e6, "weight_decay": 1.0, "step_epochs": 10_000,
                            "plateau_patience": 10_000, "max_lr_drops": 100, "early_stop_below": 1e6,
                            "loss_target": 1e6, "seed": 2 ** 31 - 1}
 MAX_SEEDS = 1000

@@ -19,7 +19,8 @@ from runners.store import AGGREGATE_EPOCH_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ["epoch_seconds", "images_per_second", "cum_seconds", "wall_seconds", "train_seconds",
-          "seconds_to_target", "threads", "host"]
+          "seconds_to_target", "threads", "host",
+          "git_commit", "git_dirty"]  # where the code came from, not what it computed
 RUN_COLUMNS = ["run_id", "grid", "status", "stop_reason", "activation", "lrn", "seed", "epochs", "epochs_run",
                "train_loss", "train_error", "test_loss", "test_error", "test_error_top5", "val_error",
                "clean_train_error", "learned", "test_error_at_best_val",

@@ -19,7 +19,8 @@ import torch
 
 KILLED = -signal.SIGKILL
 TIMING = ["epoch_seconds", "images_per_second", "cum_seconds", "wall_seconds", "train_seconds",
-          "seconds_to_target", "threads", "host"]
+          "seconds_to_target", "threads", "host",
+          "git_commit", "git_dirty"]  # where the code came from, not what it computed
 _ctx = None
 
 
