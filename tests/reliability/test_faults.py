@@ -17,8 +17,8 @@ from runners.cli import main
 from runners.execute import plan
 from runners.store import RunLock, load_checkpoint
 from tests.reliability.conftest import DIVERGING_GRID, kill_grid_args
-from tests.reliability.harness import ablate, assert_same_results, epochs_trained, finished_runs, snapshot, start, \
-    wait_for
+from tests.reliability.harness import ablate, assert_same_results, epochs_trained, finished_runs, hold_lock, \
+    snapshot, start, wait_for
 
 
 def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path, data_dir, reference):
@@ -101,12 +101,8 @@ def test_live_lock_is_left_alone_and_a_dead_holders_lock_taken_over(tmp_path, da
     _, specs = plan("smoke", "gpu", {"epochs": 1, "subset": 128, "test_subset": 50, "width": 0.0625}, [0])
     locked = out / "smoke" / "runs" / specs[1].run_id
     locked.mkdir(parents=True)
-    code = (f"from runners.store import RunLock; from pathlib import Path; import time; "
-            f"assert RunLock(Path({str(locked / 'run.lock')!r})).acquire(); print('held', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[2])
+    holder = hold_lock(locked / "run.lock", 120)  # a live process holds the run's lock
     try:
-        assert holder.stdout.readline().strip() == "held"  # a live process holds the run's lock
         lock = (locked / "run.lock").read_text()
         ran = ablate(args, tmp_path / "busy.txt")
         assert ran.code == 75, ran.output

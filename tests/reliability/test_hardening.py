@@ -12,6 +12,7 @@ import pytest
 
 from ablations.errors import UserError
 from runners.store import RunLock, Store, atomic_write_text, grid_lock
+from tests.reliability.harness import hold_lock
 
 ROUNDS = 40
 
@@ -45,11 +46,7 @@ def test_four_processes_on_a_stale_lock_give_exactly_one_holder_every_round(tmp_
 
 def test_a_lock_dies_with_its_holder_even_when_its_pid_is_reused(tmp_path):
     path = tmp_path / "run.lock"
-    code = f"from runners.store import RunLock; from pathlib import Path; import time; " \
-           f"assert RunLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep(60)"
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[2])
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_lock(path, 60)
     try:
         assert not RunLock(path).acquire()  # a live holder is respected
         assert f"pid {holder.pid}" in RunLock(path).holder()
@@ -122,11 +119,7 @@ def test_a_waiting_process_says_once_what_it_waits_for(tmp_path, data_dir):
     _, specs = plan("smoke", "gpu", {"epochs": 1, "subset": 128, "test_subset": 50, "width": 0.0625}, [0])
     rdir = out / "smoke" / "runs" / specs[0].run_id
     rdir.mkdir(parents=True)
-    code = (f"from runners.store import RunLock; from pathlib import Path; import time; "
-            f"assert RunLock(Path({str(rdir / 'run.lock')!r})).acquire(); print('held', flush=True); time.sleep(6)")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[2])
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_lock(rdir / "run.lock", 6)
     ran = ablate(kill_grid_args(out, data_dir, epochs=1), tmp_path / "wait.txt")  # waits until the holder exits
     holder.wait()
     assert ran.code == 0, ran.output
