@@ -167,12 +167,23 @@ def _dir_entries(root: Path) -> Iterator[Entry]:
             yield (rel / name).as_posix(), Path(dirpath, name).read_bytes
 
 
+MAX_MEMBER_BYTES = 512 << 20  # the largest official member (CIFAR-100's train pickle) is ~150 MB
+
+
+def _check_size(name: str, size: int, where: str) -> None:
+    """A member is read into memory: one larger than any CIFAR file is refused before a byte is read."""
+    if size > MAX_MEMBER_BYTES:
+        raise UserError(f"archive member {name!r} in {where} is {size / 2**20:.0f} MB, more than any CIFAR file "
+                        f"({MAX_MEMBER_BYTES >> 20} MB at most); refusing the archive")
+
+
 def _tar_entries(tar: tarfile.TarFile, where: str) -> Iterator[Entry]:
     """Members in archive order. The tar is a forward-only stream: read an entry before taking the next."""
     for member in tar:
         _check_member(member.name, where, member.issym() or member.islnk(),
                       not (member.isfile() or member.isdir()))
         if member.isfile():
+            _check_size(member.name, member.size, where)
             yield member.name, lambda m=member: tar.extractfile(m).read()
 
 
@@ -180,6 +191,7 @@ def _zip_entries(archive: zipfile.ZipFile, where: str) -> Iterator[Entry]:
     for info in archive.infolist():
         _check_member(info.filename, where, stat.S_ISLNK(info.external_attr >> 16), False)
         if not info.is_dir():
+            _check_size(info.filename, info.file_size, where)
             yield info.filename, lambda i=info: archive.read(i)
 
 

@@ -402,3 +402,18 @@ def test_importing_the_same_archive_again_does_nothing(tmp_path):
     assert again.exit_code == 0 and "already cached" in again.output, again.output
     forced = CliRunner().invoke(main, [*args, "--force"])
     assert forced.exit_code == 0 and forced.output.startswith("imported"), forced.output
+
+
+def test_an_archive_member_larger_than_any_cifar_file_is_refused_before_reading(tmp_path, monkeypatch):
+    import tarfile
+    import runners.data as data_mod
+    from ablations.errors import UserError
+    from runners.data import import_dataset
+    monkeypatch.setattr(data_mod, "MAX_MEMBER_BYTES", 1000)  # a small limit stands in for a multi-GB member
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\0" * 5000)
+    out = tmp_path / "bomb.tar"
+    with tarfile.open(out, "w") as tar:
+        tar.add(big, arcname="cifar-10-batches-py/data_batch_1")
+    with pytest.raises(UserError, match="more than any CIFAR file"):
+        import_dataset("cifar10", out, data_dir=tmp_path / "cache")

@@ -316,3 +316,45 @@ def test_a_run_logs_its_epochs_and_settings_to_tensorboard(tmp_path, data_dir):
         acc.Reload()
         assert {"train_loss", "val_error", "test_error", "clean_train_error"} <= set(acc.Tags()["scalars"])
         assert [e.step for e in acc.Scalars("test_error")] == [1, 2]  # one point per epoch
+
+
+def test_a_run_estimated_at_over_an_hour_stops_with_the_estimate_unless_confirmed(tmp_path, data_dir, monkeypatch):
+    import runners.cost as cost
+    monkeypatch.setattr(cost, "probe_images_per_second", lambda *a, **k: 0.05)  # a very slow machine
+    stopped = CliRunner().invoke(main, _args(tmp_path, data_dir, "--seeds", "1"))
+    assert stopped.exit_code == 2 and stopped.stderr.count("\n") == 1, stopped.output
+    assert "estimated at up to" in stopped.stderr and "add --yes to start" in stopped.stderr
+    assert not (tmp_path / "smoke").exists()  # nothing written
+    monkeypatch.setattr(cost, "probe_images_per_second", lambda *a, **k: 1e9)
+    quick = CliRunner().invoke(main, _args(tmp_path, data_dir, "--seeds", "1", "--dry-run"))
+    assert quick.exit_code == 0, quick.output
+
+
+def test_progress_lines_say_epoch_or_epochs():
+    import io
+    from runners.progress import PlainReporter
+    out = io.StringIO()
+    spec = dataclasses.replace(_small_spec(epochs=1), axes=(("activation", "relu"),))
+    PlainReporter(out).start_run(spec, 1, 1)
+    PlainReporter(out).start_run(dataclasses.replace(spec, epochs=3), 1, 1)
+    assert "(1 epoch max)" in out.getvalue() and "(3 epochs max)" in out.getvalue()
+
+
+def test_sigterm_to_a_jobs_parent_stops_every_child_cleanly(tmp_path, data_dir):
+    extra = ("--seeds", "2", "--epochs", "6", "--jobs", "2")
+    out = tmp_path / "out"
+    proc = _subprocess(out, data_dir, *extra)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if sum((d / "checkpoint.pt").exists() for d in (out / "smoke" / "runs").glob("*")) >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output
+    assert output.count("terminated (SIGTERM): every finished epoch is saved") == 3, output  # 2 jobs + parent
+    assert not list((out / "smoke").rglob("run.lock"))
+    rerun = _subprocess(out, data_dir, *extra)
+    again = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, again
+    assert again.count("resuming at epoch") >= 2
