@@ -521,21 +521,23 @@ def _reason(text: str, iv: Interval, claim: Claim, mde: float, needed: int | Non
     if not iv.has_interval:
         return "a single seed pair: no interval, so no verdict"
     if text.startswith(NO_EFFECT):
-        return f"the whole interval {span} lies inside the ±{claim.margin:g}{claim.unit} margin"
-    if text.startswith(NOT_EQUIVALENT):
-        return f"the interval {span} lies at or beyond the ±{claim.margin:g}{claim.unit} margin"
-    if text == REPRODUCED:
-        return f"the interval {span} excludes no effect ({none}) and includes the paper's {paper}"
-    if text == SMALLER:
-        return f"the interval {span} excludes no effect ({none}) but stays short of the paper's {paper}"
-    if text == LARGER:
-        return f"the interval {span} excludes no effect ({none}) and lies beyond the paper's {paper}"
-    if text == OPPOSITE:
-        return f"the interval {span} lies on the other side of no effect ({none}) from the paper's {paper}"
-    if text.startswith(MEASURED):
-        return f"the paper gives no number; the interval is {span}{power_note}"
-    return f"the interval {span} includes no effect ({none})" + (
-        f" and the paper's {paper}" if claim.paper is not None and iv.lo <= claim.paper <= iv.hi else "") + power_note
+        base = f"the whole interval {span} lies inside the ±{claim.margin:g}{claim.unit} margin"
+    elif text.startswith(NOT_EQUIVALENT):
+        base = f"the interval {span} lies at or beyond the ±{claim.margin:g}{claim.unit} margin"
+    elif text == REPRODUCED:
+        base = f"the interval {span} excludes no effect ({none}) and includes the paper's {paper}"
+    elif text == SMALLER:
+        base = f"the interval {span} excludes no effect ({none}) but stays short of the paper's {paper}"
+    elif text == LARGER:
+        base = f"the interval {span} excludes no effect ({none}) and lies beyond the paper's {paper}"
+    elif text == OPPOSITE:
+        base = f"the interval {span} lies on the other side of no effect ({none}) from the paper's {paper}"
+    elif text.startswith(MEASURED):
+        base = f"the paper gives no number; the interval is {span}"
+    else:
+        base = f"the interval {span} includes no effect ({none})" + (
+            f" and the paper's {paper}" if claim.paper is not None and iv.lo <= claim.paper <= iv.hi else "")
+    return base + power_note
 
 
 def verdict(iv: Interval, claim: Claim) -> str:
