@@ -47,4 +47,6 @@ def pytest_terminal_summary(terminalreporter):
         return
     where = ", ".join(f"{k.split(': ', 1)[1]} {v}" for k, v in sorted(TALLY.items()) if k.startswith("kill points: "))
     terminalreporter.write_line(f"reliability: {TALLY['kill points']} SIGKILL points survived ({where}); "
-                                f"{TALLY['bad inputs']} bad inputs refused with one line")
+                                f"{TALLY['bad inputs']} bad inputs refused with one line; "
+                                f"{TALLY['links refused']} planted links refused; "
+                                f"{TALLY['lock rounds']} stale-lock races with exactly one holder")

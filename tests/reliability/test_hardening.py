@@ -12,6 +12,7 @@ import pytest
 
 from ablations.errors import UserError
 from runners.store import RunLock, Store, atomic_write_text, grid_lock
+from tests.reliability.conftest import TALLY
 from tests.reliability.harness import hold_lock
 
 ROUNDS = 40
@@ -42,6 +43,7 @@ def test_four_processes_on_a_stale_lock_give_exactly_one_holder_every_round(tmp_
         for p in procs:
             p.join(timeout=30)
         assert sum(wins) == 1, f"round {round_}: {sum(wins)} holders"
+        TALLY["lock rounds"] += 1
 
 
 def test_a_lock_dies_with_its_holder_even_when_its_pid_is_reused(tmp_path):
@@ -84,6 +86,7 @@ def test_a_planted_link_is_refused_not_followed(tmp_path):
     with pytest.raises(UserError, match="symbolic link"):
         RunLock(lock_link).acquire()
     assert victim.read_text() == "precious" and not list(outside.iterdir())
+    TALLY["links refused"] += 4
 
 
 def test_an_atomic_write_never_follows_a_planted_temporary_link(tmp_path):
@@ -94,6 +97,7 @@ def test_an_atomic_write_never_follows_a_planted_temporary_link(tmp_path):
     with pytest.raises(UserError, match="symbolic link"):
         atomic_write_text(target, "x")
     assert victim.read_text() == "precious"
+    TALLY["links refused"] += 1
 
 
 @pytest.mark.parametrize("text, message", [
@@ -109,6 +113,7 @@ def test_non_finite_numbers_and_empty_grids_are_refused(tmp_path, text, message)
     path.write_text(text)
     with pytest.raises(UserError, match=message):
         parse_grid("g", path)
+    TALLY["bad inputs"] += 1
 
 
 def test_a_waiting_process_says_once_what_it_waits_for(tmp_path, data_dir):
