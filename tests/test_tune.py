@@ -46,3 +46,75 @@ def test_selection_and_confirmation_seeds_must_differ(tmp_path):
                     '[tune]\naxis = "lr_scale"\nmetric = "test_error"\nseeds = [1]\n')
     with pytest.raises(UserError, match="test split decides nothing"):
         parse_grid("g", path)
+
+
+TUNED_GRID = """title = "tuned: two rates chosen on seed 0, measured on seed 5"
+seeds = [5]
+
+[run]
+arch = "convnet4"
+epochs = 2
+batch_size = 32
+subset = 128
+test_subset = 50
+val_size = 40
+precision = "fp32"
+
+[early_stop]
+metric = "train_error"
+below = 0.5
+
+[tune]
+axis = "lr_scale"
+metric = "epochs_to_target"
+seeds = [0]
+
+[axes]
+activation = ["relu", "tanh"]
+lr_scale = [0.01, 1.0]
+
+[[claims]]
+id = "relu-6x"
+metric = "epochs_to_target"
+axis = "activation"
+a = "tanh"
+b = "relu"
+effect = "ratio"
+paper = 6.0
+tune = "lr_scale"
+"""
+
+
+def test_a_tuned_grid_runs_its_selection_then_its_confirmation_in_one_command(tmp_path, data_dir, monkeypatch):
+    import json
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from reports.claims import evaluate
+    from reports.load import load_grid as load_results_grid
+    from runners.cli import main
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    (grids / "tuned.toml").write_text(TUNED_GRID)
+    monkeypatch.setenv("ABLATE_GRIDS_DIR", str(grids))
+    out = tmp_path / "out"
+    ran = CliRunner().invoke(main, ["run", "--grid", "tuned", "--out", str(out), "--data-dir", str(data_dir),
+                                    "--plain"])
+    assert ran.exit_code == 0, ran.output
+    assert "selection done; 2 confirmation runs at the chosen lr_scale" in ran.output
+    runs = pd.read_csv(out / "tuned" / "runs.csv")
+    assert sorted(runs.seed) == [0, 0, 0, 0, 5, 5]
+    confirm = runs[runs.seed == 5]
+    selection = runs[runs.seed == 0]
+    for act in ("relu", "tanh"):  # the confirmation rate is the one that crossed soonest on the selection seed
+        side = selection[selection.activation == act].assign(
+            score=lambda d: d.epochs_to_target.fillna(d.epochs))
+        best = side.sort_values(["score", "train_error"]).lr_scale.iloc[0]
+        assert list(confirm[confirm.activation == act].lr_scale) == [best]
+    assert json.loads((out / "tuned" / "grid.json").read_text())["run_seeds"] == [0, 5]
+    (r,) = [r for r in evaluate(load_results_grid(out, "tuned")) if r.claim.id == "relu-6x"]
+    assert "chosen on seeds 0, estimated on seeds 5" in r.selection
+    again = CliRunner().invoke(main, ["run", "--grid", "tuned", "--out", str(out), "--data-dir", str(data_dir),
+                                      "--plain"])
+    assert again.exit_code == 0 and "6 already done" in again.output, again.output
