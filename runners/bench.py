@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 import shutil
 import statistics
 import tempfile
@@ -1020,8 +1021,17 @@ def measure_gate(cases: Iterable[GateCase] = GATE_CASES, repeats: int = 7, min_s
     return GateMeasurement({name: normalised(r, flops) for name, r in rates.items()}, rates, flops)
 
 
+def processor_key(name: str) -> str:
+    """A file-name key for a processor model: 'Intel(R) Xeon(R) Processor, 2 CPUs' -> 'intel-r-xeon-r-processor'.
+    Rates are only comparable on the same model (an AMD EPYC read the Intel baseline +58..+248 %)."""
+    model = name.split(", ")[0] if ", " in name and name.rsplit(", ", 1)[1].endswith("CPUs") else name
+    return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or "unknown"
+
+
 def default_baseline(device: str = "cpu") -> Path:
-    return Path(__file__).resolve().parents[1] / "results" / "bench" / f"baseline-{device}.json"
+    """The committed baseline for this machine's processor model (results/bench/baseline-<device>-<model>.json)."""
+    key = processor_key(device_name(pick_device(device)))
+    return Path(__file__).resolve().parents[1] / "results" / "bench" / f"baseline-{device}-{key}.json"
 
 
 def load_baseline(path: Path) -> dict:
@@ -1052,13 +1062,16 @@ def best_of(*measured: dict[str, float]) -> dict[str, float]:
 
 
 def compare_to_baseline(path: Path, tolerance: float | None = None, repeats: int = 7,
-                        first: GateMeasurement | None = None) -> tuple[Verdict, dict]:
+                        first: GateMeasurement | None = None) -> tuple[Verdict | None, dict]:
     """Measure the baseline's cases now (or take `first`), under its thread count, and apply the verdict rule.
 
     A failing verdict is measured once more and each case keeps its better reading: a regression shows in both
     measurements, while a burst of memory traffic from a neighbour (which the GEMM yardstick does not feel,
     measured: all cases -20 to -37 % for a few seconds) rarely lasts through two."""
     base = load_baseline(path)
+    here = device_name(pick_device(base.get("device", "cpu")))
+    if base.get("device_name") and processor_key(base["device_name"]) != processor_key(here):
+        return None, base  # no baseline for this processor: like is compared with like only
     tol = float(base.get("tolerance", GATE_TOLERANCE)) if tolerance is None else tolerance
 
     def measure() -> dict[str, float]:

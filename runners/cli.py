@@ -493,7 +493,8 @@ def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int, 
 @click.option("--compare", "baseline", type=click.Path(dir_okay=False),
               help="Only run the regression gate against this baseline JSON; exit 3 on a regression.")
 @click.option("--tolerance", type=float, help="Gate tolerance (default: the baseline's).")
-@click.option("--update-baseline", is_flag=True, help="Re-measure the gate and write <out>/baseline-cpu.json.")
+@click.option("--update-baseline", is_flag=True,
+              help="Re-measure the gate and write <out>/baseline-cpu-<processor>.json for this processor model.")
 @click.option("--show", "saved", type=click.Path(dir_okay=False),
               help="Measure nothing: print the table and targets of a saved bench CSV.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
@@ -512,7 +513,7 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
 
     console = Console(stderr=True)
     if update_baseline:
-        path = Path(out) / "baseline-cpu.json"
+        path = Path(out) / bench.default_baseline("cpu").name
         base = bench.update_baseline(path)
         for name, c in base["cases"].items():
             click.echo(f"{name:<26} {c['normalised']:9.2f} {bench.GATE_UNIT.split(' (')[0]}  "
@@ -528,7 +529,13 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
         click.echo("\n".join(bench.target_lines(bench.check_targets(result.rows))))
         return
     if baseline:
-        result, _ = bench.compare_to_baseline(Path(baseline), tolerance)
+        result, base = bench.compare_to_baseline(Path(baseline), tolerance)
+        if result is None:
+            here = bench.device_name(bench.pick_device(base.get("device", "cpu")))
+            click.echo(f"no baseline for this processor ({here}): {baseline} was measured on "
+                       f"{base['device_name']}; rates are compared like with like only (make one here with "
+                       f"`ablate bench --update-baseline`)")
+            return
         click.echo("\n".join(result.lines()))
         sys.exit(0 if result.ok else 3)
     cfg = bench.BenchConfig(model=model, batch_size=batch_size, device=device, quick=quick, compile=compile_,

@@ -307,3 +307,14 @@ def test_calls_per_round_gives_a_workload_more_samples():
     times = bench.time_interleaved(loads, 2, torch.device("cpu"))
     assert len(times["a"]) == 6 and len(times["b"]) == 2
     assert calls == ["a", "a", "a", "b", "b", "a", "a", "a"], "each round rotates; a's calls stay together"
+
+
+def test_a_baseline_of_another_processor_is_refused_not_compared(tmp_path, monkeypatch):
+    assert bench.processor_key("Intel(R) Xeon(R) Processor, 2 CPUs") == "intel-r-xeon-r-processor"
+    assert bench.processor_key("AMD EPYC 7763 64-Core Processor, 2 CPUs") == "amd-epyc-7763-64-core-processor"
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps({"tolerance": 0.35, "device": "cpu", "device_name": "Some Other CPU, 64 CPUs",
+                                "cases": {"convnet4-bf16": {"normalised": 10.0}}}))
+    monkeypatch.setattr(bench, "measure_gate", lambda *a, **k: pytest.fail("must not measure"))
+    v, base = bench.compare_to_baseline(path)
+    assert v is None and base["device_name"] == "Some Other CPU, 64 CPUs"
