@@ -1,6 +1,7 @@
 """The bench's pure parts: ratio and efficiency maths, the verdict rule, interleaving, CSV columns, targets; the
 reference data export; the conv layer whose backward the bench made faster. Fast: no timing of real models."""
 import dataclasses
+import json
 import math
 import time
 
