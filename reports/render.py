@@ -167,7 +167,7 @@ def _claim_table(results: list[ClaimResult]) -> list[str]:
         name += f": {r.claim.title}" if r.claim.title != r.claim.id else ""
         seeds = r.n_text + (f"; {r.selection}" if r.selection else "")
         why = f"**{r.verdict}**: {r.reason}" if r.reason else f"**{r.verdict}**"
-        notes = "; ".join(r.notes)
+        notes = "; ".join(r.notes) if r.verdict != NO_DATA else ""  # an empty row's reason is its verdict's
         lines.append("| " + " | ".join(_md(x) for x in (
             name, r.paper_text(), r.ours_text() + (f" ({notes})" if notes else ""), why, seeds,
             f"{r.dataset_label or '-'}, {r.budget or '-'}", r.regime or "-")) + " |")
