@@ -185,7 +185,7 @@ def _grid_markdown(grid: GridResults, missing: list[str], figures: list[Path], c
               "- Settings of every reported run (from their spec.json): " + (grid.settings_text() or "not recorded"),
               "- Precision: " + _precision_counts(grid.runs),
               f"- Command that produced the runs: `{grid.command()}`",
-              f"- Runs: " + (", ".join(f"{n} {s}" for s, n in grid.runs.status.value_counts().items())
+              "- Runs: " + (", ".join(f"{n} {s}" for s, n in grid.runs.status.value_counts().items())
                              if len(grid.runs) else "none"),
               "- Coverage: " + "; ".join(missing), ""]
     for png in (p for p in figures if p.suffix == ".png"):

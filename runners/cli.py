@@ -145,7 +145,6 @@ def data_import_cmd(name: str, source: str, data_dir: str | None, force: bool) -
 @_data_dir_option
 def data_list_cmd(data_dir: str | None) -> None:
     """Show the cached data sets."""
-    from rich.console import Console
     from rich.table import Table
 
     from runners.data import list_datasets, resolve_data_dir
@@ -239,7 +238,6 @@ def list_cmd(results: str, as_json: bool) -> None:
     """List the grids, the claims each tests, and their run counts."""
     from pathlib import Path
 
-    from rich.console import Console
     from rich.table import Table
 
     from ablations.grid import expand, grid_names, load_grid
@@ -455,7 +453,6 @@ def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int, 
     """Aggregate results, decide each claim's verdict, write REPORT.md, verdicts.csv and figures."""
     from pathlib import Path
 
-    from rich.console import Console
 
     from reports.render import build_report, claims_table, write_report
 

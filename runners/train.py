@@ -3,7 +3,8 @@
 The data set lives on the training device as uint8; each batch is gathered, augmented and normalised there
 (runners/augment.py). Metrics are summed on the device and read once per epoch: no host sync per batch.
 A checkpoint holds model, optimiser, scheduler and every RNG, so a resumed run on the CPU ends bit-for-bit
-where an uninterrupted one ends."""
+where an uninterrupted one ends. Evaluation lives in runners/evaluate.py, what the rows mean (the Figure 1 trace,
+times to a target, the chance guard, the summary) in runners/metrics.py."""
 from __future__ import annotations
 
 import ctypes
@@ -13,7 +14,6 @@ import io
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -27,15 +27,15 @@ from torch.utils._pytree import tree_map
 
 from ablations.models import build_model, count_params, train_flops_per_image
 from ablations.spec import RunSpec
-from runners.augment import BatchAugmenter, compute_input_stats, ten_crop_logits
+from runners.augment import BatchAugmenter, compute_input_stats
 from runners.data import CifarData
+from runners.evaluate import EVAL_BATCH, Evaluation, autocast, evaluate, evaluate_split, lrn_activity  # noqa: F401
+from runners.metrics import (CHANCE_LOSS, TRACE_POINTS, converged, end_of_run, learned, summarise,  # noqa: F401
+                             target_time, trace_rows, trace_segments)
 from runners.store import EPOCH_COLUMNS, TRACE_COLUMNS, atomic_write_bytes, atomic_write_json, atomic_write_text, rows_csv, \
     load_checkpoint, save_checkpoint
 
-EVAL_BATCH = 500
-TRACE_POINTS = 10  # the running training error (Figure 1's metric) is logged this many times per epoch
 CLEAN_TRAIN_IMAGES = 2000  # the fixed training slice evaluated in eval mode each epoch (the fair gap, the chance guard)
-CHANCE_LOSS = 0.98  # a final clean loss at or above this share of ln(classes) is chance: the run did not learn
 LRN_PROBE_IMAGES = 256  # clean training images through which the LRN activity diagnostic is measured
 CHECKPOINT_ENV = "ABLATE_CHECKPOINT_SECONDS"  # `ablate run --checkpoint-every` sets it for every worker process
 CHECKPOINT_SECONDS = 30.0
@@ -176,7 +176,6 @@ def check_data_fits(spec: RunSpec, data: CifarData) -> None:
 def select_data(spec: RunSpec, data: CifarData, device: torch.device) -> DeviceData:
     """Validation split first (stratified, fixed), then `subset` images of the rest from a fixed shuffle (seed 0,
     the same for every run, so classes stay balanced), then the clean slice and `test_subset` the same way."""
-    from ablations.errors import UserError
 
     def first(n_all: int, n: int) -> torch.Tensor:
         if n and n < n_all:
@@ -242,10 +241,6 @@ def step_scheduler(sched, val_error: float) -> None:
         sched.step()
 
 
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def train_one_epoch(model, opt, dd: DeviceData, aug: BatchAugmenter, spec: RunSpec, device: torch.device,
                     order_gen: torch.Generator, aug_gen: torch.Generator,
                     on_step: Callable[[int, int], None] | None = None,
@@ -298,117 +293,6 @@ def train_one_epoch(model, opt, dd: DeviceData, aug: BatchAugmenter, spec: RunSp
         if on_step is not None and i % 10 == 0:
             on_step(i, steps)
     return loss_sum, wrong, seen, segments
-
-
-def trace_segments(steps: int, points: int = TRACE_POINTS) -> tuple[list[int], list[float]]:
-    """Which segment each step of an epoch belongs to, and each segment's end as a fraction of the epoch:
-    `points` segments of (nearly) equal steps, fewer when an epoch has fewer steps than points."""
-    raw = [i * points // steps for i in range(steps)]
-    dense = {k: j for j, k in enumerate(dict.fromkeys(raw))}
-    ends = [(i + 1) / steps for i in range(steps) if i + 1 == steps or raw[i + 1] != raw[i]]
-    return [dense[k] for k in raw], ends
-
-
-def trace_rows(epoch: int, segments: list[list[float]], ends: list[float], before: list[dict]) -> list[dict]:
-    """The epoch's running-error log: at each segment's end, the error and loss of that segment and of the
-    trailing one-epoch window of training batches (`window_error`: what the paper's Figure 1 plots, at a tenth
-    of an epoch's resolution; in the first epoch, the batches so far)."""
-    rows, history = [], [(r["segment_wrong"], r["segment_loss_sum"], r["segment_images"]) for r in before]
-    per_epoch = len(ends)
-    for (wrong, loss_sum, images), end in zip(segments, ends):
-        history.append((wrong, loss_sum, images))
-        window = history[-per_epoch:]
-        n = sum(w[2] for w in window) or math.nan
-        rows.append(dict(epoch=round(epoch - 1 + end, 6), segment_wrong=wrong, segment_loss_sum=loss_sum,
-                         segment_images=images, segment_error=wrong / (images or math.nan),
-                         window_error=sum(w[0] for w in window) / n, window_loss=sum(w[1] for w in window) / n))
-    return rows
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    loss: float
-    error: float
-    error_top5: float
-    predicted_classes: int  # how many classes the net predicted at least once (1 = a constant predictor)
-
-
-@torch.no_grad()
-def evaluate_split(model, x_all: torch.Tensor, y_all: torch.Tensor, aug: BatchAugmenter, spec: RunSpec,
-                   device: torch.device, crops: int = 1, shard: tuple[int, int] = (0, 1),
-                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Evaluation:
-    """Loss, top-1 and top-5 error of one split in eval mode, no augmentation; crops=10 averages softmax over the
-    paper's ten views. Sharded runs evaluate a slice per rank and sum over ranks, so every rank gets the same
-    numbers (and the plateau schedule takes the same decision everywhere)."""
-    model.eval()
-    fmt = torch.channels_last if spec.precision == "bf16" else torch.contiguous_format
-    classes = spec.model.num_classes
-    totals = torch.zeros(3 + classes, device=device)  # loss, wrong1, wrong5, predictions per class
-    xs, ys = x_all.tensor_split(shard[1])[shard[0]], y_all.tensor_split(shard[1])[shard[0]]
-    for start in range(0, len(ys), EVAL_BATCH):
-        x = aug.eval(xs[start:start + EVAL_BATCH]).contiguous(memory_format=fmt)
-        y = ys[start:start + EVAL_BATCH]
-        with autocast(device, spec.precision):
-            if crops == 10:
-                logp = ten_crop_logits(model, x).float().clamp_min(1e-12).log()
-            else:
-                logp = F.log_softmax(model(x).float(), dim=1)
-        top5 = logp.topk(min(5, logp.shape[1]), dim=1).indices
-        totals[0] += F.nll_loss(logp, y, reduction="sum")
-        totals[1] += (top5[:, 0] != y).sum()
-        totals[2] += (~(top5 == y[:, None]).any(1)).sum()
-        totals[3:] += torch.bincount(top5[:, 0], minlength=classes)[:classes]
-    if reduce is not None:
-        totals = reduce(totals)
-    m = len(y_all) or math.nan
-    t = totals.tolist()
-    return Evaluation(t[0] / m, t[1] / m, t[2] / m, sum(1 for c in t[3:] if c > 0))
-
-
-def evaluate(model, dd: DeviceData, aug: BatchAugmenter, spec: RunSpec, device: torch.device,
-             shard: tuple[int, int] = (0, 1),
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float, float]:
-    """Test loss, top-1 error, top-5 error, with the run's test views (test_crops)."""
-    e = evaluate_split(model, dd.test_x, dd.test_y, aug, spec, device, spec.test_crops, shard, reduce)
-    return e.loss, e.error, e.error_top5
-
-
-@torch.no_grad()
-def lrn_activity(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """How much each response-normalisation layer really normalises: quantiles of its divisor factor
-    (k + alpha/n * sum a^2)^-beta over every unit, for a fixed batch of clean training images.
-
-    A p05-p95 spread near 1 means a constant rescaling (the layer normalises nothing); the paper's LRN at k = 2
-    starts at 2^-0.75 = 0.59 and acts only where activations are large."""
-    from ablations.models import SameMapRNorm
-    factors: list[torch.Tensor] = []
-
-    def hook(module, inputs, _out):
-        a = inputs[0].float()
-        if isinstance(module, SameMapRNorm):
-            mean_sq = F.avg_pool2d(a * a, module.size, stride=1, padding=module.size // 2, count_include_pad=True)
-            f = (1.0 + module.scale * mean_sq).pow(-module.pow)
-        else:  # nn.LocalResponseNorm: 1 / (x / out) from the layer itself, exact for any window convention
-            out = F.local_response_norm(a, module.size, module.alpha, module.beta, module.k)
-            f = torch.where(a != 0, out / a.where(a != 0, torch.ones_like(a)), torch.nan)
-        factors.append(f.flatten())
-
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.LocalResponseNorm, SameMapRNorm))]
-    if not layers:
-        return {}
-    handles = [m.register_forward_hook(hook) for m in layers]
-    try:
-        model.eval()
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    f = torch.cat(factors)
-    f = f[~f.isnan()]
-    q = torch.quantile(f[torch.randperm(len(f), generator=torch.Generator().manual_seed(0))[:1_000_000]].double(),
-                       torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
-    return {"lrn_factor_p05": q[0], "lrn_factor_p50": q[1], "lrn_factor_p95": q[2],
-            "lrn_factor_spread": q[2] / q[0] if q[0] > 0 else math.nan}
 
 
 def rng_state(order_gen: torch.Generator, aug_gen: torch.Generator) -> dict:
@@ -478,100 +362,6 @@ def provenance() -> dict:
         version = ""
     return {"suite_version": version, "git_commit": commit, "git_dirty": dirty,
             "torchvision_version": torchvision.__version__, "numpy_version": numpy.__version__}
-
-
-def target_time(spec: RunSpec, rows: list[dict], trace: list[dict]) -> tuple[float, float] | None:
-    """(epochs, training seconds) at which the early-stop metric first went below its target, else None.
-
-    Training error and loss are read from the running trace (a tenth of an epoch's resolution, the trailing
-    one-epoch window of batches); evaluated metrics (val_error) at the end of each epoch. Seconds are
-    interpolated within the epoch, which trains at a steady rate."""
-    if not spec.early_stop_metric:
-        return None
-    column = {"train_error": "window_error", "train_loss": "window_loss"}.get(spec.early_stop_metric)
-    if column is None:
-        hit = next((r for r in rows if r[spec.early_stop_metric] < spec.early_stop_below), None)
-        return (float(hit["epoch"]), float(hit["cum_seconds"])) if hit else None
-    point = next((t for t in trace if t[column] < spec.early_stop_below), None)
-    if point is None:
-        return None
-    epoch = math.ceil(point["epoch"] - 1e-9)
-    row = rows[epoch - 1]
-    done = point["epoch"] - (epoch - 1)  # fraction of that epoch trained
-    return float(point["epoch"]), float(row["cum_seconds"] - row["epoch_seconds"] * (1 - done))
-
-
-def learned(spec: RunSpec, last: dict) -> bool:
-    """False for a run indistinguishable from chance: its final clean training loss is at least CHANCE_LOSS x
-    ln(classes), or it predicts a single class. Such a run measures nothing, whatever its error reads."""
-    loss = last.get("clean_train_loss", last.get("train_loss", math.nan))
-    if not math.isfinite(loss):
-        return False
-    return loss < CHANCE_LOSS * math.log(spec.model.num_classes) and last.get("predicted_classes", 2) > 1
-
-
-FLAT_EPOCHS, FLAT_RANGE = 5, 0.01  # validation error within 1 point over the last 5 epochs: flat
-
-
-def converged(rows: list[dict]) -> bool:
-    """Training has converged when the plateau schedule has divided the rate at least twice, or validation error
-    has stayed within FLAT_RANGE over the last FLAT_EPOCHS epochs (the regime over-fitting claims need)."""
-    drops = sum(1 for p, r in zip(rows, rows[1:]) if r["lr"] < p["lr"] * 0.5)
-    tail = [r.get("val_error", math.nan) for r in rows[-FLAT_EPOCHS:]]
-    flat = len(rows) >= FLAT_EPOCHS + 1 and all(math.isfinite(v) for v in tail) and max(tail) - min(tail) < FLAT_RANGE
-    return drops >= 2 or flat
-
-
-def summarise(spec: RunSpec, rows: list[dict], status: str, stop_reason: str, error: str,
-              env: dict, extra: dict, trace: list[dict] | None = None) -> dict:
-    """summary.json: status, final metrics, thresholds crossed, throughput, environment. Plain Python over the
-    rows, no DataFrame: this runs once per run, and pandas cost ~1% of a smoke-sized run's wall time here."""
-    trace = trace or []
-    last = rows[-1] if rows else {}
-    metrics = {k: float(last.get(k, float("nan"))) for k in
-               ("train_loss", "train_error", "val_loss", "val_error", "clean_train_loss", "clean_train_error",
-                "test_loss", "test_error", "test_error_top5")}
-    val_errors = [r["val_error"] for r in rows if not math.isnan(r.get("val_error", math.nan))]
-    best = min(range(len(val_errors)), key=val_errors.__getitem__) if val_errors else None
-    metrics.update(epochs=spec.epochs, epochs_run=len(rows),
-                   # the test error at the epoch of the best validation error: chosen on val, read on test
-                   best_val_error=val_errors[best] if best is not None else float("nan"),
-                   test_error_at_best_val=float(rows[best]["test_error"]) if best is not None else float("nan"),
-                   predicted_classes=int(last.get("predicted_classes", 0)),
-                   learned=learned(spec, last) if rows else False,
-                   lr_drops=sum(1 for p, r in zip(rows, rows[1:]) if r["lr"] < p["lr"] * 0.5),
-                   converged=converged(rows),
-                   train_seconds=float(sum(r["epoch_seconds"] for r in rows)),
-                   images_per_second=float(statistics.median(r["images_per_second"] for r in rows)) if rows
-                   else float("nan"),
-                   target_metric=spec.early_stop_metric, target_value=spec.early_stop_below or None,
-                   epochs_to_target=None, seconds_to_target=None, reached_target=None,
-                   loss_target=spec.loss_target or None, epochs_to_loss=None,
-                   width=spec.model.width, subset=spec.subset or None, val_size=spec.val_size or None, **extra)
-    if spec.early_stop_metric:
-        hit = target_time(spec, rows, trace)
-        metrics["reached_target"] = hit is not None
-        if hit:
-            metrics["epochs_to_target"], metrics["seconds_to_target"] = hit
-    if spec.loss_target:
-        hit_loss = next((t["epoch"] for t in trace if t["window_loss"] < spec.loss_target), None)
-        if hit_loss is None:
-            hit_loss = next((r["epoch"] for r in rows if r["train_loss"] < spec.loss_target), None)
-        metrics["epochs_to_loss"] = float(hit_loss) if hit_loss is not None else None
-    return {"run_id": spec.run_id, "grid": spec.grid, "status": status, "stop_reason": stop_reason,
-            "error": error, "axes": dict(spec.axes), "spec": spec.to_json(), "metrics": metrics, "env": env,
-            "epochs": [dict(r) for r in rows], "trace": [dict(t) for t in trace]}  # the record
-
-
-def end_of_run(spec: RunSpec, rows: list[dict], trace: list[dict]) -> tuple[str, str, str]:
-    """(status, stop_reason, error) after an epoch; stop_reason "epochs" means train on (up to the cap). An early
-    stop ends the run at the end of the epoch in which its metric first crossed the target."""
-    row = rows[-1]
-    if not math.isfinite(row["train_loss"]):
-        return "diverged", "diverged", f"non-finite training loss at epoch {row['epoch']}"
-    if target_time(spec, rows, trace) is not None:
-        return "finished", "early_stop", ""
-    return "finished", "epochs", ""
 
 
 def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.device | str = "auto",
