@@ -341,7 +341,7 @@ def test_progress_lines_say_epoch_or_epochs():
 
 
 def test_sigterm_to_a_jobs_parent_stops_every_child_cleanly(tmp_path, data_dir):
-    extra = ("--seeds", "2", "--epochs", "6", "--jobs", "2")
+    extra = ("--seeds", "2", "--epochs", "20", "--jobs", "2")
     out = tmp_path / "out"
     proc = _subprocess(out, data_dir, *extra)
     deadline = time.time() + 240
@@ -354,7 +354,10 @@ def test_sigterm_to_a_jobs_parent_stops_every_child_cleanly(tmp_path, data_dir):
     assert proc.returncode == 143, output
     assert output.count("terminated (SIGTERM): every finished epoch is saved") == 3, output  # 2 jobs + parent
     assert not list((out / "smoke").rglob("run.lock"))
+    interrupted = [d for d in (out / "smoke" / "runs").glob("*")
+                   if (d / "checkpoint.pt").exists() and not (d / "summary.json").exists()]
+    assert interrupted  # at least one child was stopped mid-run (on a loaded machine the other may have finished)
     rerun = _subprocess(out, data_dir, *extra)
     again = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, again
-    assert again.count("resuming at epoch") >= 2
+    assert again.count("resuming at epoch") == len(interrupted), again

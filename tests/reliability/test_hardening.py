@@ -117,16 +117,23 @@ def test_non_finite_numbers_and_empty_grids_are_refused(tmp_path, text, message)
 
 
 def test_a_waiting_process_says_once_what_it_waits_for(tmp_path, data_dir):
-    from tests.reliability.harness import ablate
-    from tests.reliability.conftest import kill_grid_args
     from runners.execute import plan
+    from tests.reliability.conftest import kill_grid_args
+    from tests.reliability.harness import start, wait_for
     out = tmp_path / "out"
     _, specs = plan("smoke", "gpu", {"epochs": 1, "subset": 128, "test_subset": 50, "width": 0.0625}, [0])
     rdir = out / "smoke" / "runs" / specs[0].run_id
     rdir.mkdir(parents=True)
-    holder = hold_lock(rdir / "run.lock", 6)
-    ran = ablate(kill_grid_args(out, data_dir, epochs=1), tmp_path / "wait.txt")  # waits until the holder exits
-    holder.wait()
+    holder = hold_lock(rdir / "run.lock", 120)
+    log = tmp_path / "wait.txt"
+    child = start(kill_grid_args(out, data_dir, epochs=1), log)
+    try:
+        assert wait_for(lambda: log.exists() and "waiting for run" in log.read_text(), timeout=120)
+        time.sleep(1.0)  # a few more polls of the lock while it is still held
+    finally:
+        holder.kill()
+        holder.wait()
+    ran = child.wait()  # the holder is gone: the waiting process takes the run and finishes the grid
     assert ran.code == 0, ran.output
     assert ran.output.count(f"waiting for run {specs[0].run_id}: it is being trained by pid {holder.pid}") == 1
 
