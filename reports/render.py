@@ -178,8 +178,8 @@ def _grid_markdown(grid: GridResults, missing: list[str], figures: list[Path], c
                    out_dir: Path) -> list[str]:
     meta = grid.meta
     lines = ["", f"## {grid.name}: {meta.get('title', '')}".rstrip(": "), ""]
-    if meta.get("description"):
-        lines += [" ".join(str(meta["description"]).split()), ""]
+    if meta.get("description"):  # the grid file's intent; what the runs really used is the settings line below
+        lines += ["*The grid file:* " + " ".join(str(meta["description"]).split()), ""]
     lines += [f"- Data set: {grid.label('dataset_label', 'dataset') or 'not recorded'}; budget: "
               f"{grid.label('budget') or '-'}; model: {meta.get('model', '-')}",
               "- Settings of every reported run (from their spec.json): " + (grid.settings_text() or "not recorded"),
