@@ -66,22 +66,10 @@ class _Group(click.Group):
 
 def _version() -> str:
     """The suite's version and the git commit it runs from (with "+dirty" for uncommitted changes)."""
-    import importlib.metadata
-    import subprocess
-    from pathlib import Path
-    try:
-        version = importlib.metadata.version("alexnet-ablate")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", ""
-    return f"ablate {version}" + (f", commit {commit}{'+dirty' if dirty else ''}" if commit else ", no git checkout")
+    from runners.provenance import git_state, suite_version
+    commit, dirty = git_state()
+    return f"ablate {suite_version() or 'unknown'}" + (f", commit {commit[:12]}{'+dirty' if dirty else ''}"
+                                                       if commit else ", no git checkout")
 
 
 def _print_version(ctx: click.Context, value: bool) -> None:

@@ -30,6 +30,7 @@ from ablations.spec import RunSpec
 from runners.augment import BatchAugmenter, compute_input_stats
 from runners.data import CifarData
 from runners.evaluate import EVAL_BATCH, Evaluation, autocast, evaluate, evaluate_split, lrn_activity  # noqa: F401
+from runners.provenance import git_state, suite_version
 from runners.metrics import (CHANCE_LOSS, TRACE_POINTS, converged, end_of_run, learned, summarise,  # noqa: F401
                              target_time, trace_rows, trace_segments)
 from runners.store import EPOCH_COLUMNS, TRACE_COLUMNS, atomic_write_bytes, atomic_write_json, atomic_write_text, rows_csv, \
@@ -339,28 +340,11 @@ def environment(spec: RunSpec, data: CifarData, device: torch.device, context: d
 @functools.cache
 def provenance() -> dict:
     """The suite's version and git commit (with a dirty flag) and the versions that decide the numbers."""
-    import importlib.metadata
-    import subprocess
-
     import numpy
     import torchvision
 
-    root = Path(__file__).resolve().parent.parent
-    commit, dirty = "", None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        if commit:
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, timeout=10).stdout
-            dirty = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        version = importlib.metadata.version("alexnet-ablate")
-    except importlib.metadata.PackageNotFoundError:
-        version = ""
-    return {"suite_version": version, "git_commit": commit, "git_dirty": dirty,
+    commit, dirty = git_state()
+    return {"suite_version": suite_version(), "git_commit": commit, "git_dirty": dirty,
             "torchvision_version": torchvision.__version__, "numpy_version": numpy.__version__}
 
 
