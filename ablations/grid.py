@@ -323,6 +323,9 @@ def _check_claim(claim: Any, i: int, where: str, axis_values: dict[str, list]) -
         raise UserError(f"{at}: regime must be one of {', '.join(REGIMES)}, got {claim['regime']!r}")
     if "tune" in claim and claim["tune"] not in axis_values:
         raise UserError(f"{at}: tune axis {claim['tune']!r} is not an axis of this grid")
+    if claim.get("tune") and str(claim["metric"]).startswith("test_"):
+        raise UserError(f"{at}: a tuned claim on {claim['metric']} would choose its {claim['tune']} on test data; "
+                        f"choose on validation data with a [tune] table (metric = \"val_error\") and no claim tune")
     if "paper" in claim and (not isinstance(claim["paper"], (int, float)) or isinstance(claim["paper"], bool)):
         raise UserError(f"{at}: paper must be a number (omit it when the paper gives none)")
     if "margin" in claim:

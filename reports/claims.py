@@ -283,8 +283,10 @@ def _tuned_side(grid: GridResults, claim: Claim, side: pd.DataFrame) -> tuple[pd
 
     With a `[tune]` table (grid.json), the value is chosen on the selection seeds and the effect read on the other
     (confirmation) seeds at that value. Without one, on the same seeds (an optimistic interval, said so)."""
-    metric = claim.tune_metric or claim.metric
     tune = grid.meta.get("tune") or {}
+    # the rule the runner used: the grid's [tune] metric when it tunes this axis, else the claim's own
+    metric = tune["metric"] if tune.get("axis") == claim.tune and tune.get("metric") in side else \
+        (claim.tune_metric or claim.metric)
     values = sorted(side[claim.tune].unique(), key=lambda v: float(v) if _number(v) else v)
     if tune.get("axis") != claim.tune:
         chosen = pick_tuned(side, claim.tune, metric)

@@ -118,3 +118,12 @@ def test_a_tuned_grid_runs_its_selection_then_its_confirmation_in_one_command(tm
     again = CliRunner().invoke(main, ["run", "--grid", "tuned", "--out", str(out), "--data-dir", str(data_dir),
                                       "--plain"])
     assert again.exit_code == 0 and "6 already done" in again.output, again.output
+
+
+def test_a_claim_cannot_tune_on_test_data(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text('seeds = [0]\n[run]\narch = "convnet4"\n[axes]\nlr_scale = [1.0, 2.0]\nlrn = [false, true]\n'
+                    '[[claims]]\nid = "x"\nmetric = "test_error"\naxis = "lrn"\na = false\nb = true\n'
+                    'effect = "difference"\ntune = "lr_scale"\n')
+    with pytest.raises(UserError, match="would choose its lr_scale on test data"):
+        parse_grid("g", path)
