@@ -275,11 +275,12 @@ def coverage(grid: GridResults) -> list[str]:
     if not len(runs):
         return [*notes, "no runs"]
     axes = display_axes(runs, grid.axes)
+    if grid.meta.get("tune"):
+        return [*notes, *_tuned_coverage(runs, axes, grid.meta), *_run_problems(grid, runs, axes)]
     seen = sorted({int(s) for s in runs.seed.dropna()})
     planned = grid.meta.get("run_seeds") or (grid.meta.get("seeds") if grid.meta.get("budget", "gpu") == "gpu"
                                              else None)
     expected = sorted(set(planned or []) | set(seen))
-    ok = runs[runs.status.isin(["finished", "diverged"])]
     cells = runs.groupby(axes, sort=True) if axes else [((), runs)]
     short = []
     for key, cell in cells:
@@ -294,6 +295,35 @@ def coverage(grid: GridResults) -> list[str]:
     else:
         shown = "; ".join(f"{label or 'all'}: {h} of {len(expected)} seeds" for label, h in short[:8])
         notes.append(shown + (f"; and {len(short) - 8} more cells" if len(short) > 8 else ""))
+    return notes + _run_problems(grid, runs, axes)
+
+
+def _tuned_coverage(runs: pd.DataFrame, axes: list[str], meta: dict) -> list[str]:
+    """A tuned grid runs every value of its tune axis on the selection seeds and only the chosen value on the
+    confirmation seeds: each part is complete when every cell has its own seeds."""
+    tune_axis, selection = meta["tune"]["axis"], sorted(meta["tune"].get("seeds", []))
+    confirmation = sorted(set(meta.get("seeds") or []) - set(selection))
+
+    def lacking(keys: list[str], seeds: list[int]) -> tuple[int, list[str]]:
+        groups = [cell for _, cell in runs.groupby(keys, sort=True)] if keys else [runs]
+        short = [cell_label(cell.iloc[0], keys) or "all" for cell in groups
+                 if not set(seeds) <= set(cell[cell.status.isin(["finished", "diverged"])].seed.astype(int))]
+        return len(groups), short
+
+    notes = []
+    for part, keys, seeds in (("selection", axes, selection),
+                              (f"confirmation at the chosen {tune_axis}", [a for a in axes if a != tune_axis],
+                               confirmation)):
+        n, short = lacking(keys, seeds)
+        notes.append(f"{part}: {n - len(short)} of {n} cell(s) x {len(seeds)} seed(s)"
+                     + (f" (short: {'; '.join(short[:6])})" if short else ""))
+    return notes
+
+
+def _run_problems(grid: GridResults, runs: pd.DataFrame, axes: list[str]) -> list[str]:
+    """Failed and diverged runs, and finished runs whose learning curves are missing."""
+    notes = []
+    ok = runs[runs.status.isin(["finished", "diverged"])]
     for status in ("failed", "diverged"):
         bad = runs[runs.status == status]
         if len(bad):

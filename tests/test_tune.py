@@ -86,6 +86,7 @@ tune = "lr_scale"
 
 
 def test_a_tuned_grid_runs_its_selection_then_its_confirmation_in_one_command(tmp_path, data_dir, monkeypatch):
+    import dataclasses
     import json
 
     import pandas as pd
@@ -115,6 +116,13 @@ def test_a_tuned_grid_runs_its_selection_then_its_confirmation_in_one_command(tm
     assert json.loads((out / "tuned" / "grid.json").read_text())["run_seeds"] == [0, 5]
     (r,) = [r for r in evaluate(load_results_grid(out, "tuned")) if r.claim.id == "relu-6x"]
     assert "chosen on seeds 0, estimated on seeds 5" in r.selection
+    from reports.load import coverage
+    grid = load_results_grid(out, "tuned")
+    assert coverage(grid) == ["selection: 4 of 4 cell(s) x 1 seed(s)",
+                              "confirmation at the chosen lr_scale: 2 of 2 cell(s) x 1 seed(s)"], \
+        "unchosen rates need no confirmation seeds"
+    lacking = dataclasses.replace(grid, runs=grid.runs[grid.runs.seed != 5].reset_index(drop=True))
+    assert coverage(lacking)[1].startswith("confirmation at the chosen lr_scale: 0 of 2 cell(s) x 1 seed(s) (short: ")
     again = CliRunner().invoke(main, ["run", "--grid", "tuned", "--out", str(out), "--data-dir", str(data_dir),
                                       "--plain"])
     assert again.exit_code == 0 and "6 already done" in again.output, again.output
