@@ -65,7 +65,7 @@ def test_compare_measures_again_before_failing_and_keeps_each_cases_best(tmp_pat
         calls.append([c.name for c in cases])
         return bench.GateMeasurement(next(readings), {}, 1.0)
 
-    monkeypatch.setattr(bench, "measure_gate", fake_measure)
+    monkeypatch.setattr(bench.baseline, "measure_gate", fake_measure)
     v, _ = bench.compare_to_baseline(path)
     assert v.ok and len(calls) == 2, "the second reading clears alexnet; convnet4 keeps its first (better) one"
     v, _ = bench.compare_to_baseline(path)
@@ -113,7 +113,7 @@ def _fake_rows() -> pd.DataFrame:
                         base=base, model=model, switch=switch, unit="FLOP/s" if section == "ceiling" else "images/s",
                         compiled=compiled)
 
-    seed = bench._label(bench.SEED_ALEXNET)
+    seed = bench.model_label(bench.SEED_ALEXNET)
     loads = [w("g32", "ceiling", 1e12), w("g16", "ceiling", 4e12, "bf16"), w("g16b", "ceiling", 2e12, "bf16"),
              w("ref", "reference", 100.0, flops=1e9), w("ref1", "reference", 50.0, flops=1e9),
              w("ax", "alexnet", 300.0, "bf16", flops=1e9, model=seed),
@@ -316,6 +316,6 @@ def test_a_baseline_of_another_processor_is_refused_not_compared(tmp_path, monke
     path = tmp_path / "baseline.json"
     path.write_text(json.dumps({"tolerance": 0.35, "device": "cpu", "device_name": "Some Other CPU, 64 CPUs",
                                 "cases": {"convnet4-bf16": {"normalised": 10.0}}}))
-    monkeypatch.setattr(bench, "measure_gate", lambda *a, **k: pytest.fail("must not measure"))
+    monkeypatch.setattr(bench.baseline, "measure_gate", lambda *a, **k: pytest.fail("must not measure"))
     v, base = bench.compare_to_baseline(path)
     assert v is None and base["device_name"] == "Some Other CPU, 64 CPUs"

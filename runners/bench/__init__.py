@@ -1,0 +1,25 @@
+"""`ablate bench`: how fast the suite trains, and whether a change made it slower.
+
+- harness: the timer (device-synchronised, interleaved, warm-up apart) and the pure maths of a bench row.
+- workloads: what is timed, built on the suite's own code: GEMM ceilings, the seed chapter's reference
+  pipeline, training steps, evaluation, conv passes, the input pipeline, the run loop.
+- suite: the full bench (`ablate bench`): plan, summary, targets, CSV and table.
+- paired: the regression gate (`ablate bench --against REV`): this tree against REV, in alternating fresh
+  processes on one machine (worker.py is what each process runs).
+- baseline: the secondary check against a committed baseline of this processor model (`--compare`).
+"""
+from runners.bench.baseline import (GATE_CASES, GATE_TOLERANCE, GATE_UNIT, CaseVerdict, GateCase, GateMeasurement,
+                                    Verdict, best_of, compare_to_baseline, default_baseline, gate_cases_for,
+                                    load_baseline, measure_gate, processor_key, update_baseline, verdict)
+from runners.bench.harness import (Workload, achieved_flops, calibrate, efficiency, median, normalised, overhead,
+                                   ratio, time_interleaved, timed, units_per_call, using_threads)
+from runners.bench.suite import (BenchConfig, BenchResult, Target, bench_table, check_targets, read_results, run_bench,
+                                 summarise, target_lines, write_results)
+from runners.bench.workloads import (CONVNET4, CSV_COLUMNS, LOOP_BARE, LOOP_BARE_EVAL, LOOP_RUN, SEED_ALEXNET,
+                                     SUITE_ALEXNET, TRAIN_AUGMENT, DeviceSet, conv_pass_workloads, eval_workload,
+                                     forward_flops_per_image, gemm_workload, kernel_bound, loop_workloads, model_label,
+                                     pipeline_calls, pipeline_workload, reference_flops_per_image, train_calls,
+                                     train_workload)
+from runners.train import device_name, pick_device
+
+__all__ = [n for n in dir() if not n.startswith("_") and n not in {"baseline", "harness", "suite", "workloads"}]
