@@ -477,19 +477,34 @@ def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int, 
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data cache folder.")
 @click.option("--compare", "baseline", type=click.Path(dir_okay=False),
               help="Only run the regression gate against this baseline JSON; exit 3 on a regression.")
-@click.option("--tolerance", type=float, help="Gate tolerance (default: the baseline's).")
+@click.option("--against", "rev", metavar="REV",
+              help="The regression gate: time this tree against git revision REV (checked out in a temporary "
+                   "worktree), in alternating fresh processes; exit 3 when a case is slower than the tolerance, "
+                   "5 when too noisy to tell.")
+@click.option("--tolerance", type=float,
+              help="Gate tolerance: for --against the time ratio a case may exceed 1 by (default 0.05); for "
+                   "--compare the drop below the baseline (default: the baseline's).")
+@click.option("--case", "cases", multiple=True, metavar="NAME",
+              help="With --against: only this case (repeatable; default: all, see `ablate bench --list-cases`).")
+@click.option("--list-cases", is_flag=True, help="Print the --against gate's cases and exit.")
+@click.option("--inject-slowdown", type=click.FloatRange(0, 1), default=0.0, metavar="FRACTION",
+              help="With --against: make this tree's measurements slower by FRACTION (a busy-wait after each "
+                   "timed call), to show what the gate catches.")
 @click.option("--update-baseline", is_flag=True,
               help="Re-measure the gate and write <out>/baseline-cpu-<processor>.json for this processor model.")
 @click.option("--show", "saved", type=click.Path(dir_okay=False),
               help="Measure nothing: print the table and targets of a saved bench CSV.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
 def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, quick: bool, compile_: bool | None,
-              threads: int | None, out: str, data_dir: str | None, baseline: str | None, tolerance: float | None,
+              threads: int | None, out: str, data_dir: str | None, baseline: str | None, rev: str | None,
+              tolerance: float | None, cases: tuple[str, ...], list_cases: bool, inject_slowdown: float,
               update_baseline: bool, saved: str | None, as_json: bool) -> None:
     """Training throughput of the seed chapter's reference and the suite side by side, the data pipeline, the
-    run loop's overhead and the machine's GEMM ceilings, measured interleaved in one process.
+    run loop's overhead and the machine's GEMM ceilings, measured interleaved in one process; or, with
+    --against REV, the regression gate of this tree against REV.
 
-    Exit codes: 0 done (or the gate passed), 2 bad input, 3 the gate found a regression."""
+    Exit codes: 0 done (or the gate passed), 2 bad input, 3 the gate found a regression, 5 the gate could not
+    tell (too noisy: re-run)."""
     from pathlib import Path
 
     from rich.console import Console
@@ -497,6 +512,13 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
     from runners import bench
 
     console = Console(stderr=True)
+    if list_cases:
+        from runners.bench import paired
+        click.echo("\n".join(paired.CASES))
+        return
+    if rev:
+        _bench_against(rev, tolerance, cases, inject_slowdown, as_json, console)
+        return
     if update_baseline:
         path = Path(out) / bench.default_baseline("cpu").name
         base = bench.update_baseline(path)
@@ -535,6 +557,22 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
         click.echo(line)
     path, latest = bench.write_results(result, Path(out))
     click.echo(f"results written to {path} (and {latest.name})")
+
+
+def _bench_against(rev: str, tolerance: float | None, cases: tuple[str, ...], inject: float, as_json: bool,
+                   console) -> None:
+    import dataclasses
+
+    from runners.bench import paired
+
+    cfg = paired.PairedConfig(rev=rev, tolerance=paired.TOLERANCE if tolerance is None else tolerance,
+                              cases=tuple(cases) or paired.CASES, stall=inject)
+    result = paired.against(cfg, say=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    if as_json:
+        click.echo(json.dumps({**dataclasses.asdict(result), "verdict": result.verdict}, indent=2))
+    else:
+        click.echo("\n".join(paired.result_lines(result)))
+    sys.exit(result.exit_code)
 
 
 if __name__ == "__main__":

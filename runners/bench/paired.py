@@ -1,0 +1,284 @@
+"""The regression gate: this tree (head) against a git revision (base), on one machine, in one run.
+
+Rates measured on different machines, or hours apart on one shared machine, are not comparable; rates measured
+minutes apart on one machine, in alternating fresh processes, are (asv's `continuous`, pyperf's `compare_to`). So
+the gate checks REV out into a temporary git worktree and runs worker.py for head and base in pairs of fresh
+processes: side by side, one per core, where the machine has two (both then see the same moment's load, which
+cancels in their ratio: measured here, that halves the time per pair and narrows the spread of the ratios for
+most cases), else one after the other; either way in ABBA order (head first, then base first, ...). Each pair gives
+one head/base time ratio per case; a case's verdict reads the Hodges-Lehmann centre of the log ratios and its
+exact Wilcoxon signed-rank interval (robust to the odd disturbed process, no normality assumed):
+
+- slower: the whole interval lies above 1 + tolerance (slower than the tolerance, with confidence): the gate fails;
+- ok: the whole interval lies below 1 + tolerance (any slowdown is within the tolerance, with confidence);
+- undecided: the interval straddles 1 + tolerance: the machine was too noisy to tell ("undecided, re-run"),
+  never reported as a pass.
+
+The number of pairs is fixed in advance; stopping as soon as the interval clears would inflate the false alarms.
+
+A fresh process per measurement also samples what a single process fixes once (memory layout, thread placement).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ablations.errors import UserError
+from runners.bench import worker
+
+CASES = tuple(worker.CASES)
+WORKER = Path(worker.__file__).resolve()
+LAUNCH = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+CONFIDENCE = 0.90  # two-sided: each one-sided decision (slower / ok) is made at 95 %
+TOLERANCE = 0.05
+EXIT_SLOWER, EXIT_UNDECIDED = 3, 5
+
+
+@dataclass(frozen=True)
+class PairedConfig:
+    rev: str = "HEAD~1"
+    tolerance: float = TOLERANCE  # a case may be this much slower (time ratio 1 + tolerance) and pass
+    cases: tuple[str, ...] = CASES
+    pairs: int = 12  # fixed in advance: deciding after every pair would inflate the false alarms
+    concurrent: bool | None = None  # head and base side by side (None: when the machine has 2 x threads cores)
+    call_seconds: float = 0.08  # work per timed call, sized once by a calibration process
+    calls: int = 3  # timed calls per case per process, which reads their median (the spread between processes,
+    # 2-8 % here, dwarfs that within one, 0.5-3 %: more processes tighten the interval, more calls do not)
+    threads: int = 1  # one thread: steadier than two on a shared 2-core machine
+    stall: float = 0.0  # inject a slowdown of this fraction into head (busy-wait after each timed call)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: str
+    ratios: tuple[float, ...]  # head / base seconds per unit of work, one per pair
+    median: float
+    lo: float
+    hi: float
+    verdict: str  # slower | ok | undecided
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    rev: str
+    base_commit: str
+    tolerance: float
+    cases: tuple[CaseResult, ...]
+    skipped: dict[str, str] = field(default_factory=dict)  # case -> why it could not be compared
+    seconds: float = 0.0
+    stall: float = 0.0
+    pairing: str = ""  # side by side | one after the other
+
+    @property
+    def verdict(self) -> str:
+        verdicts = {c.verdict for c in self.cases}
+        if "slower" in verdicts:
+            return "slower"
+        return "ok" if verdicts == {"ok"} else "undecided"
+
+    @property
+    def exit_code(self) -> int:
+        return {"ok": 0, "slower": EXIT_SLOWER, "undecided": EXIT_UNDECIDED}[self.verdict]
+
+
+def signed_rank_below(n: int) -> list[float]:
+    """P(T <= t) for t = 0 .. n(n+1)/2, T the Wilcoxon signed-rank statistic of n pairs under no difference:
+    the count of subsets of the ranks 1..n summing to each t, over 2^n."""
+    counts = [1] + [0] * (n * (n + 1) // 2)
+    for rank in range(1, n + 1):
+        for s in range(len(counts) - 1, rank - 1, -1):
+            counts[s] += counts[s - rank]
+    total, below, out = 2 ** n, 0, []
+    for c in counts:
+        below += c
+        out.append(below / total)
+    return out
+
+
+def walsh_averages(xs: list[float]) -> list[float]:
+    return sorted((xs[i] + xs[j]) / 2 for i in range(len(xs)) for j in range(i, len(xs)))
+
+
+def pseudo_median_interval(xs: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Hodges-Lehmann estimate (the median of the Walsh averages) with its exact Wilcoxon signed-rank interval
+    [W_(k), W_(M+1-k)], k the largest with 1 - 2 P(T <= k - 1) >= confidence. Robust to the odd disturbed process
+    like a median, nearly as tight as a t-interval (95 % efficiency under normal noise); assumes the pair
+    differences are symmetric about their centre, which alternating the order (ABBA) encourages. (nan, nan) for
+    the interval when even the extreme Walsh averages fall short of `confidence`."""
+    walsh = walsh_averages(xs)
+    centre = statistics.median(walsh) if walsh else float("nan")
+    below = signed_rank_below(len(xs))
+    k = 0
+    while k < len(walsh) // 2 and 1 - 2 * below[k] >= confidence:
+        k += 1
+    if k == 0:
+        return centre, float("nan"), float("nan")
+    return centre, walsh[k - 1], walsh[len(walsh) - k]
+
+
+def decide(lo: float, hi: float, tolerance: float) -> str:
+    """slower when the interval lies above 1 + tolerance, ok when below it, undecided otherwise (or no interval)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "undecided"
+    limit = 1.0 + tolerance
+    return "slower" if lo > limit else "ok" if hi < limit else "undecided"
+
+
+def case_result(case: str, ratios: list[float], tolerance: float) -> CaseResult:
+    """The pseudo-median of the log ratios and its interval, back on the ratio scale (a ratio's natural scale:
+    1.1 and 1/1.1 are equally far from 1)."""
+    centre, lo, hi = (math.exp(v) for v in pseudo_median_interval([math.log(r) for r in ratios]))
+    return CaseResult(case, tuple(ratios), centre, lo, hi, decide(lo, hi, tolerance))
+
+
+def git(root: Path, *args: str) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True)
+    except FileNotFoundError:
+        raise UserError("--against needs git, which is not installed here") from None
+    except subprocess.CalledProcessError as err:
+        raise UserError(f"git {' '.join(args)} failed: {(err.stderr or err.stdout).strip().splitlines()[-1:]}"
+                        ) from None
+    return out.stdout.strip()
+
+
+def head_tree() -> Path:
+    """The checkout this suite runs from: the tree the gate measures as head (uncommitted changes included)."""
+    return WORKER.parents[2]
+
+
+def resolve(root: Path, rev: str) -> str:
+    try:
+        inside = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                                text=True)
+    except FileNotFoundError:
+        raise UserError("--against needs git, which is not installed here") from None
+    if inside.returncode != 0 or Path(inside.stdout.strip()).resolve() != root.resolve():
+        raise UserError(f"--against needs a git checkout of the suite, and {root} is not one: clone the "
+                        "repository and install it with `pip install -e .`")
+    try:
+        return git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except UserError:
+        raise UserError(f"--against: {rev!r} is not a commit of {root} (try HEAD~1, a branch or a hash)") from None
+
+
+def start_worker(tree: Path, job: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LAUNCH, str(WORKER), json.dumps({"tree": str(tree), **job})],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+
+
+def finish_worker(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError((err.strip().splitlines() or ["no output"])[-1])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_worker(tree: Path, job: dict) -> dict:
+    return finish_worker(start_worker(tree, job))
+
+
+def run_pair(trees: dict[str, Path], jobs: dict[str, dict], order: tuple[str, str], concurrent: bool) -> dict:
+    """One head and one base measurement: side by side on two cores (both see the same moment's load, which
+    then cancels in their ratio) or one after the other; `order` alternates who starts first."""
+    if not concurrent:
+        return {side: run_worker(trees[side], jobs[side]) for side in order}
+    procs = {side: start_worker(trees[side], jobs[side]) for side in order}
+    return {side: finish_worker(proc) for side, proc in procs.items()}
+
+
+def usable_cases(cfg: PairedConfig, trees: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+    """The cases that build in both trees: one case at a time is tried in each, so a case the base revision cannot
+    build (an API it lacks) is named and left out rather than failing the gate."""
+    usable, skipped = [], {}
+    for case in cfg.cases:
+        for side, tree in trees.items():
+            try:
+                run_worker(tree, {"cases": [case], "units": {}, "calls": 1, "threads": cfg.threads, "stall": 0})
+            except RuntimeError as err:
+                skipped[case] = f"does not run in {side}: {err}"
+                break
+        else:
+            usable.append(case)
+    return usable, skipped
+
+
+def units_for(unit_seconds: dict[str, float], call_seconds: float) -> dict[str, int]:
+    return {c: max(1, math.ceil(call_seconds / s)) if s > 0 else 1 for c, s in unit_seconds.items()}
+
+
+def compare_trees(cfg: PairedConfig, head: Path, base: Path, say: Callable[[str], None] = print,
+                  rev: str = "", base_commit: str = "") -> PairedResult:
+    """cfg.pairs pairs of head and base workers in ABBA order, then one verdict per case."""
+    start = time.perf_counter()
+    trees = {"head": head, "base": base}
+    try:
+        calib = run_worker(head, {"cases": list(cfg.cases), "units": {}, "calls": 1, "threads": cfg.threads,
+                                  "stall": 0})
+        cases, skipped = list(cfg.cases), {}
+        run_worker(base, {"cases": cases, "units": {}, "calls": 1, "threads": cfg.threads, "stall": 0})
+    except RuntimeError:
+        cases, skipped = usable_cases(cfg, trees)
+        if not cases:
+            raise UserError("no gate case runs in both trees: " + "; ".join(f"{c} {w}" for c, w in skipped.items())
+                            ) from None
+        calib = run_worker(head, {"cases": cases, "units": {}, "calls": 1, "threads": cfg.threads, "stall": 0})
+    units = units_for(calib["unit_seconds"], cfg.call_seconds)
+    ratios: dict[str, list[float]] = {c: [] for c in cases}
+    concurrent = cfg.concurrent if cfg.concurrent is not None else (os.cpu_count() or 1) >= 2 * cfg.threads
+    jobs = {side: {"cases": cases, "units": units, "calls": cfg.calls, "threads": cfg.threads,
+                   "stall": cfg.stall if side == "head" else 0.0} for side in trees}
+    for i in range(cfg.pairs):
+        order = ("head", "base") if i % 2 == 0 else ("base", "head")
+        read = {side: out["seconds"] for side, out in run_pair(trees, jobs, order, concurrent).items()}
+        for c in cases:
+            ratios[c].append(statistics.median(read["head"][c]) / statistics.median(read["base"][c]))
+        say(f"pair {i + 1}/{cfg.pairs}")
+    results = [case_result(c, ratios[c], cfg.tolerance) for c in cases]
+    return PairedResult(rev, base_commit, cfg.tolerance, tuple(results), skipped, time.perf_counter() - start,
+                        cfg.stall, "side by side" if concurrent else "one after the other")
+
+
+def against(cfg: PairedConfig, say: Callable[[str], None] = print) -> PairedResult:
+    """Check cfg.rev out into a temporary worktree, compare this tree with it, and remove the worktree."""
+    if not 0 < cfg.tolerance < 1:
+        raise UserError(f"--tolerance for --against is a fraction in (0, 1), got {cfg.tolerance}")
+    unknown = [c for c in cfg.cases if c not in worker.CASES]
+    if unknown:
+        raise UserError(f"unknown gate case(s) {', '.join(unknown)}; known: {', '.join(worker.CASES)}")
+    head = head_tree()
+    commit = resolve(head, cfg.rev)
+    tmp = Path(tempfile.mkdtemp(prefix="ablate-against-"))
+    base = tmp / "base"
+    git(head, "worktree", "add", "--detach", "--quiet", str(base), commit)
+    try:
+        say(f"head: {head} (working tree); base: {cfg.rev} = {commit[:12]} in {base}")
+        return compare_trees(cfg, head, base, say, cfg.rev, commit)
+    finally:
+        subprocess.run(["git", "-C", str(head), "worktree", "remove", "--force", str(base)], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run(["git", "-C", str(head), "worktree", "prune"], capture_output=True)
+
+
+def result_lines(r: PairedResult) -> list[str]:
+    lines = [f"{'case':<34} {'head/base time':>14}  {'90% interval':>17}  pairs  verdict"]
+    for c in r.cases:
+        lines.append(f"{c.case:<34} {c.median:14.3f}  [{c.lo:6.3f}, {c.hi:6.3f}]  {len(c.ratios):5d}  {c.verdict}")
+    lines += [f"{case:<34} not compared: {why}" for case, why in r.skipped.items()]
+    reading = {"ok": "ok: no case is slower than the tolerance",
+               "slower": "REGRESSION: a case is slower than the tolerance, with confidence",
+               "undecided": "undecided, re-run: the machine was too noisy to tell for some case"}[r.verdict]
+    lines.append(f"gate against {r.rev} ({r.base_commit[:12]}): {reading} (tolerance +{r.tolerance:.0%} time; "
+                 f"{len(r.cases[0].ratios) if r.cases else 0} pairs {r.pairing}, {r.seconds:.0f} s"
+                 f"{'; injected slowdown ' + format(r.stall, '.0%') if r.stall else ''})")
+    return lines

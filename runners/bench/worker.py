@@ -1,0 +1,142 @@
+"""One measuring process of the paired gate (`ablate bench --against REV`), run with a tree's root first on sys.path.
+
+The cases are defined here, in the tree that asks, and built from the public code of the tree under test (its
+model family, training step, BatchAugmenter, evaluate, train_run), so both trees do the same work and only the
+code under test differs. This file imports nothing of the suite at module level: it must not pull in the asking
+tree's modules before the tree under test is on sys.path.
+
+Input, one JSON object on argv[1]: {"tree", "cases", "units" (work per timed call, {} to calibrate), "calls",
+"threads", "stall"}. Output, one JSON line on stdout: {"runners": the imported package's folder, "seconds": {case:
+[seconds per unit of work, one per timed call]}} or, when calibrating, {"unit_seconds": {case: seconds}}.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 64  # small: the whole gate must fit in a CI job
+EVAL_UNIT = 50  # test images per unit of evaluation work
+LOOP_IMAGES = 512  # images per epoch of the run-loop case
+LEVELS = ("none", "flip", "crop_flip", "crop_flip_pca")
+
+# name -> (kind, model arch, width, precision, augmentation level, test crops)
+CASES: dict[str, tuple[str, str, float, str, str, int]] = {
+    "train alexnet-w0.25 bf16": ("train", "alexnet", 0.25, "bf16", "crop_flip", 1),
+    "train alexnet-w0.25 fp32": ("train", "alexnet", 0.25, "fp32", "crop_flip", 1),
+    "train convnet4 bf16": ("train", "convnet4", 1.0, "bf16", "crop_flip", 1),
+    "train convnet4 fp32": ("train", "convnet4", 1.0, "fp32", "crop_flip", 1),
+    **{f"pipeline {level}": ("pipeline", "", 1.0, "fp32", level, 1) for level in LEVELS},
+    "eval alexnet-w0.25 bf16 10-crop": ("eval", "alexnet", 0.25, "bf16", "none", 10),
+    "run loop convnet4 bf16": ("loop", "convnet4", 1.0, "bf16", "crop_flip", 1),
+}
+
+
+def spin(seconds: float) -> None:
+    """Busy-wait: an injected stall that holds the core as real work would (sleeping would free it)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def build(name: str, data, raw, device, tmp: Path):
+    """make(units) -> a call doing `units` units of the case's work, from the tree under test's public code."""
+    import torch
+    from ablations.models import ModelSpec, build_model
+    from ablations.spec import RunSpec
+    from runners.augment import BatchAugmenter
+    from runners.bench import pipeline_calls, train_calls
+    from runners.train import DeviceData, evaluate, train_run
+
+    kind, arch, width, precision, level, crops = CASES[name]
+    model_spec = ModelSpec(arch=arch, width=width) if arch else None
+    if kind == "train":
+        return train_calls(model_spec, data, BATCH, precision, device, augment=level)
+    if kind == "pipeline":
+        return pipeline_calls(level, data, BATCH, device)
+    if kind == "eval":
+        spec = RunSpec(model=model_spec, precision=precision, test_crops=crops)
+        torch.manual_seed(0)
+        model = build_model(model_spec).to(device)
+        if precision == "bf16":
+            model = model.to(memory_format=torch.channels_last)
+        aug = BatchAugmenter(data.stats, spec.preprocess, "none", device=device)
+
+        def make_eval(k: int):
+            dd = DeviceData(data.train_x[:0], data.train_y[:0], data.test_x[:k * EVAL_UNIT],
+                            data.test_y[:k * EVAL_UNIT])
+            return lambda: evaluate(model, dd, aug, spec, device)
+        return make_eval
+    spec = RunSpec(model=model_spec, precision=precision, augment=level, epochs=1, batch_size=BATCH,
+                   subset=LOOP_IMAGES, test_subset=256, val_size=64)
+    counter = iter(range(10 ** 9))
+
+    def make_loop(k: int):  # k whole runs, each in a fresh folder: setup, steps, metrics, evaluation, files
+        return lambda: [train_run(spec, raw, tmp / f"run{next(counter)}", device) for _ in range(k)]
+    return make_loop
+
+
+def cap(name: str, data) -> int:
+    """The most units one make(k) can do on the generated data (a train or pipeline unit is a batch of it)."""
+    kind = CASES[name][0]
+    if kind == "eval":
+        return len(data.test_y) // EVAL_UNIT
+    return len(data.train_y) // BATCH if kind in ("train", "pipeline") else 10 ** 9
+
+
+def sized(make, units: int, most: int):
+    """A call doing `units` units of work (rounded up to whole repeats of `most` when the data holds fewer);
+    returns (call, units it does)."""
+    if units <= most:
+        return make(units), units
+    reps, inner = -(-units // most), make(most)
+    return (lambda: [inner() for _ in range(reps)]), reps * most
+
+
+def measure(job: dict) -> dict:
+    tree = Path(job["tree"]).resolve()
+    sys.path.insert(0, str(tree))
+    import torch
+
+    import runners
+    from runners.bench import DeviceSet
+    from runners.data import make_synthetic
+    from runners.train import pick_device
+
+    here = Path(runners.__file__).resolve().parent
+    if here != tree / "runners":
+        raise SystemExit(f"worker imported runners from {here}, not from the tree under test {tree}")
+    torch.set_num_threads(int(job["threads"]))
+    device = pick_device("cpu")
+    raw = make_synthetic("cifar10", 4096, 1024, seed=0)  # speed does not depend on pixel values
+    data = DeviceSet.of(raw, device)
+    calibrating = not job["units"]
+    out: dict[str, object] = {"runners": str(here), "seconds": {}, "unit_seconds": {}}
+    with tempfile.TemporaryDirectory(prefix="ablate-gate-") as tmp:
+        for name in job["cases"]:
+            make = build(name, data, raw, device, Path(tmp))
+            one = make(1)
+            one()  # warm-up: one-off costs (allocator, oneDNN primitives, first files) never count
+            if calibrating:
+                t0 = time.perf_counter()
+                one()
+                out["unit_seconds"][name] = time.perf_counter() - t0
+                continue
+            run, units = sized(make, int(job["units"][name]), cap(name, data))
+            times = []
+            for _ in range(int(job["calls"])):
+                t0 = time.perf_counter()
+                run()
+                took = time.perf_counter() - t0
+                if job["stall"]:
+                    spin(job["stall"] * took)
+                    took = time.perf_counter() - t0
+                times.append(took / units)
+            out["seconds"][name] = times
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))), flush=True)

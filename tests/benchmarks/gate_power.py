@@ -1,0 +1,79 @@
+"""The paired gate's power on this machine: how often it catches an injected slowdown, how often an unchanged tree
+passes, and how long one check takes. A benchmark, not a test: run it on a quiet machine and commit its output.
+
+    python -m tests.benchmarks.gate_power --trials 20 --slowdown 0.10
+
+Each trial is one full `ablate bench --against HEAD` check (its own worktree, calibration and pairs), alternately
+of the unchanged tree and of the tree with every timed call made `slowdown` slower (a busy-wait of that fraction
+of the call, PairedConfig.stall). Writes results/bench/gate-power-<processor>.csv (one row per trial and case) and
+a .json summary beside it: the gate's verdicts, each case's own verdicts (a real slowdown may hit one case only),
+and the wall time of a check.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from runners.bench import paired
+from runners.bench.baseline import processor_key
+from runners.store import atomic_write_json
+from runners.train import device_name, pick_device
+
+
+def trial_rows(trial: int, kind: str, r: paired.PairedResult) -> list[dict]:
+    return [{"trial": trial, "tree": kind, "stall": r.stall, "gate": r.verdict, "seconds": r.seconds,
+             "pairing": r.pairing, "case": c.case, "ratio": c.median, "lo": c.lo, "hi": c.hi, "verdict": c.verdict}
+            for c in r.cases]
+
+
+def summary(rows: pd.DataFrame, slowdown: float, tolerance: float) -> dict:
+    checks = rows.drop_duplicates(["trial", "tree"])
+    by_tree = {k: g for k, g in checks.groupby("tree")}
+    same, slowed = by_tree.get("unchanged", checks[:0]), by_tree.get("slowed", checks[:0])
+    per_case = {}
+    for case, g in rows.groupby("case", sort=False):
+        s, u = g[g.tree == "slowed"], g[g.tree == "unchanged"]
+        per_case[case] = {"caught": f"{(s.verdict == 'slower').sum()} of {len(s)}",
+                          "passed unchanged": f"{(u.verdict == 'ok').sum()} of {len(u)}",
+                          "false alarms": f"{(u.verdict == 'slower').sum()} of {len(u)}"}
+    return {
+        "command": f"python -m tests.benchmarks.gate_power --trials {len(same)} --slowdown {slowdown}",
+        "device_name": device_name(pick_device("cpu")), "date": datetime.now().isoformat(timespec="seconds"),
+        "tolerance": tolerance, "slowdown": slowdown, "pairs": paired.PairedConfig().pairs,
+        "caught": f"{(slowed.gate == 'slower').sum()} of {len(slowed)}",
+        "passed unchanged": f"{(same.gate == 'ok').sum()} of {len(same)}",
+        "false alarms": f"{(same.gate == 'slower').sum()} of {len(same)}",
+        "undecided": {"unchanged": int((same.gate == "undecided").sum()),
+                      "slowed": int((slowed.gate == "undecided").sum())},
+        "check seconds": {"median": statistics.median(checks.seconds), "max": float(checks.seconds.max())},
+        "per case": per_case,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=20, help="checks of each tree (unchanged, slowed)")
+    ap.add_argument("--slowdown", type=float, default=0.10)
+    ap.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = ap.parse_args()
+    name = f"gate-power-{processor_key(device_name(pick_device('cpu')))}"
+    csv_path, json_path = args.out / f"{name}.csv", args.out / f"{name}.json"
+    rows: list[dict] = []
+    for t in range(args.trials):
+        for kind, stall in (("unchanged", 0.0), ("slowed", args.slowdown)):
+            r = paired.against(paired.PairedConfig(rev="HEAD", stall=stall), say=lambda _: None)
+            rows += trial_rows(t, kind, r)
+            print(f"trial {t + 1}/{args.trials} {kind}: {r.verdict} ({r.seconds:.0f} s)", flush=True)
+            table = pd.DataFrame(rows)
+            args.out.mkdir(parents=True, exist_ok=True)
+            table.to_csv(csv_path, index=False)  # after every check: an interrupted study keeps what it measured
+            atomic_write_json(json_path, summary(table, args.slowdown, paired.TOLERANCE))
+    print(json_path.read_text())
+
+
+if __name__ == "__main__":
+    main()
