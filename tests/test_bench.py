@@ -160,13 +160,21 @@ def test_a_ceiling_is_the_best_timing_at_the_rows_threads_or_fewer():
 
 def test_check_targets_reads_the_rows():
     targets = {t.key: t for t in bench.check_targets(_fake_rows())}
-    assert targets["a"].value == pytest.approx(3.0) and targets["a"].met, "main rows only, not the switch rows"
-    assert targets["b"].value == pytest.approx(0.075) and not targets["b"].met
-    assert targets["c"].value == pytest.approx(100.0) and targets["c"].met, "vs the faster AlexNet row"
-    assert targets["c'"].value == pytest.approx(30.0) and targets["c'"].met, "vs the fastest training row (c4)"
-    assert targets["c''"].value == pytest.approx(60.0) and "pipe-c" in targets["c''"].detail
-    assert targets["d"].value == pytest.approx(1 - 100 / 105) and targets["d"].met
-    assert "20.0%" in targets["d"].detail, "overhead vs bare train steps only: 1 - 100/125"
+    ref, share = targets["vs-reference"], targets["bf16-gemm-share"]
+    assert ref.value == pytest.approx(3.0) and ref.met, "main rows only, not the switch rows"
+    assert share.value == pytest.approx(0.075) and not share.met and "bf16 GEMM ceiling" in share.title
+    alexnet, fastest = targets["pipeline-headroom-alexnet"], targets["pipeline-headroom"]
+    assert alexnet.value == pytest.approx(100.0) and alexnet.met, "vs the faster AlexNet row"
+    assert fastest.value == pytest.approx(30.0) and fastest.met, "vs the fastest training row (c4)"
+    compiled = targets["pipeline-headroom-compiled"]
+    assert compiled.value == pytest.approx(60.0) and "pipe-c" in compiled.detail
+    loop = targets["loop-overhead"]
+    assert loop.value == pytest.approx(1 - 100 / 105) and loop.met and loop.goal == 0.05, "the smoke run: 5 %"
+    assert "20.0%" in loop.detail, "overhead vs bare train steps only: 1 - 100/125"
+    rows = _fake_rows()
+    rows.loc[rows.section == "loop", "note"] = "dropout spec: 10000 images x 1 epoch(s), batch 128, bf16"
+    real = {t.key: t for t in bench.check_targets(rows)}["loop-overhead"]
+    assert real.goal == 0.01 and not real.met and "one cpu-budget epoch" in real.title, "a real epoch: at most 1 %"
     lines = bench.target_lines(list(targets.values()))
     assert len(lines) == 6 and "NOT met" in lines[1]
 
@@ -263,7 +271,7 @@ def test_loop_overhead_compares_the_fastest_calls():
 
     loads = [w(bench.LOOP_RUN, bench.LOOP_BARE_EVAL), w(bench.LOOP_BARE), w(bench.LOOP_BARE_EVAL)]
     times = {bench.LOOP_RUN: [2.0, 1.1, 2.0], bench.LOOP_BARE: [0.8, 0.8, 0.8], bench.LOOP_BARE_EVAL: [1.0, 3.0, 3.0]}
-    [d] = [t for t in bench.check_targets(bench.summarise(loads, times, {})) if t.key == "d"]
+    [d] = [t for t in bench.check_targets(bench.summarise(loads, times, {})) if t.key == "loop-overhead"]
     assert d.value == pytest.approx(1 - 1.0 / 1.1) and not d.met  # the medians would say 1 - 3/2 = -50%
     assert "-50.0% from the medians" in d.detail and "27.3% vs the steps alone" in d.detail
 
@@ -277,7 +285,7 @@ def test_show_reprints_a_saved_csv_and_refuses_other_files(tmp_path):
     back = bench.read_results(path)
     assert [t.value for t in bench.check_targets(back.rows)] == [t.value for t in bench.check_targets(rows)]
     shown = CliRunner().invoke(main, ["bench", "--show", str(path)], env={"COLUMNS": "250"})
-    assert shown.exit_code == 0 and "target (a)" in shown.output and "target (d)" in shown.output
+    assert shown.exit_code == 0 and "target (vs-reference)" in shown.output and "target (loop-overhead)" in shown.output
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     for bad in (tmp_path / "other.csv", tmp_path / "missing.csv"):
         result = CliRunner().invoke(main, ["bench", "--show", str(bad)])

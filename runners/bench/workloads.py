@@ -329,27 +329,29 @@ def pipeline_workload(level: str, data: DeviceSet, batch: int, device: torch.dev
                         f"; compiled, as in CPU runs of >= {COMPILED_INPUT_IMAGES:,} images" if compiled else ""))
 
 
-def smoke_spec() -> RunSpec:
-    """The smoke grid's first run (alexnet width 0.125, 256 images, 2 epochs), without early stopping so that
-    every call trains the same epochs."""
+def loop_spec(quick: bool = False) -> RunSpec:
+    """The run the loop-overhead target is measured on: one real epoch of a cpu-budget run (the dropout grid's
+    first: AlexNet width 0.5, 10,000 training images, validation, clean-train and test evaluation), where the
+    loop's fixed costs weigh what they weigh in a real run; or, with quick, the smoke grid's first run. No early
+    stopping, so that every call trains the same epochs."""
     from ablations.grid import expand, load_grid
 
-    spec = expand(load_grid("smoke"))[0]
-    return dataclasses.replace(spec, early_stop_metric="", early_stop_below=0.0)
+    spec = expand(load_grid("smoke"))[0] if quick else expand(load_grid("dropout"), "cpu")[0]
+    return dataclasses.replace(spec, epochs=spec.epochs if quick else 1, early_stop_metric="",
+                               early_stop_below=0.0)
 
 
-LOOP_RUNS_PER_CALL = 4
-LOOP_CALLS_PER_ROUND = 3
 LOOP_RUN, LOOP_BARE = "train_run (whole run loop)", "bare train steps"
 LOOP_BARE_EVAL = "bare script: setup + steps + eval"
 
 
-def loop_workloads(spec: RunSpec, data: CifarData, device: torch.device, tmp: Path, threads: int) -> list[Workload]:
+def loop_workloads(spec: RunSpec, data: CifarData, device: torch.device, tmp: Path, threads: int,
+                   runs_per_call: int = 1, calls_per_round: int = 1) -> list[Workload]:
     """train_run (its setup, steps, metrics, evaluation, checkpoints, CSVs, summary) against a bare script of the
     same run, which any trainer needs: select the data, its input statistics, build the model and optimiser,
-    take the same steps, run the same evaluation forwards, and nothing else. Also the bare steps alone, on a
-    model built once (the strictest baseline). Each train_run starts in a fresh folder. A call is
-    LOOP_RUNS_PER_CALL runs: one ~0.2 s run is too short to time steadily on a shared machine."""
+    take the same steps, run the same evaluation forwards (test, clean-train slice, validation), and nothing
+    else. Also the bare steps alone, on a model built once (the strictest baseline). Each train_run starts in a
+    fresh folder. A call is `runs_per_call` runs: a run of well under a second needs several to time steadily."""
     counter = itertools.count()
     dirs: list[Path] = []
 
@@ -386,35 +388,37 @@ def loop_workloads(spec: RunSpec, data: CifarData, device: torch.device, tmp: Pa
     @torch.no_grad()
     def eval_forwards(dd: DeviceData, aug: BatchAugmenter, model: torch.nn.Module) -> None:
         model.eval()
+        splits = [x for x in (dd.test_x, dd.clean_x, dd.val_x) if x is not None]
         for _ in range(spec.epochs):
-            for i in range(0, len(dd.test_y), EVAL_BATCH):
-                x = aug.eval(dd.test_x[i:i + EVAL_BATCH]).contiguous(memory_format=fmt)  # (b, 3, 32, 32)
-                with autocast(device, spec.precision):
-                    model(x)
+            for split in splits:
+                for i in range(0, len(split), EVAL_BATCH):
+                    x = aug.eval(split[i:i + EVAL_BATCH]).contiguous(memory_format=fmt)  # (b, 3, 32, 32)
+                    with autocast(device, spec.precision):
+                        model(x)
 
     built = setup()
 
     def bare_steps() -> None:
-        for _ in range(LOOP_RUNS_PER_CALL):
+        for _ in range(runs_per_call):
             steps(*built)
 
     def bare_script() -> None:
-        for _ in range(LOOP_RUNS_PER_CALL):
+        for _ in range(runs_per_call):
             dd, aug, model, opt = setup()
             steps(dd, aug, model, opt)
             eval_forwards(dd, aug, model)
 
     def full() -> None:
-        for i in range(LOOP_RUNS_PER_CALL):
+        for i in range(runs_per_call):
             train_run(spec, data, dirs[-1] / f"run{i}", device)
 
     with using_threads(threads):  # warm-up: the first run pays one-off costs (imports, FLOP count, allocator)
         timed(full, device, before, after)
         bare_script()
-    items, label = LOOP_RUNS_PER_CALL * spec.epochs * len(built[0].train_y), model_label(spec.model)
-    note = f"smoke spec: {len(built[0].train_y)} images x {spec.epochs} epochs, batch {spec.batch_size}, " \
+    items, label = runs_per_call * spec.epochs * len(built[0].train_y), model_label(spec.model)
+    note = f"{spec.grid} spec: {len(built[0].train_y)} images x {spec.epochs} epoch(s), batch {spec.batch_size}, " \
            f"{spec.precision}"
-    n = LOOP_CALLS_PER_ROUND  # a ~5% difference under ~10% noise: the fastest of 3x the calls
+    n = calls_per_round
     return [Workload(LOOP_RUN, "loop", full, items, threads, model=label, precision=spec.precision, before=before,
                      after=after, base=LOOP_BARE_EVAL, note=note, calls_per_round=n),
             Workload(LOOP_BARE, "loop", bare_steps, items, threads, model=label, precision=spec.precision,
