@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,3 +334,19 @@ def _run_problems(grid: GridResults, runs: pd.DataFrame, axes: list[str]) -> lis
     if no_curves:
         notes.append(f"{len(no_curves)} run(s) have no rows in epochs.csv (their learning curves are missing)")
     return notes
+
+
+def machine_seconds(runs: pd.DataFrame) -> float:
+    """The machine time a grid's finished runs took: each run's wall time x its threads / the machine's cores
+    (read from device_name, "..., 2 CPUs"), so that runs trained two at a time (--jobs 2, a thread each) count
+    half their wall time each, and one run on every core counts its own. GPU runs count their wall time."""
+    done = runs[runs.status.isin(["finished", "diverged"])] if "status" in runs else runs
+    if not len(done) or "wall_seconds" not in done:
+        return 0.0
+    total = 0.0
+    for _, r in done.iterrows():
+        wall = float(r.wall_seconds) if pd.notna(r.get("wall_seconds")) else 0.0
+        cores = re.search(r"(\d+) CPUs?$", str(r.get("device_name", "")))
+        threads = float(r.get("threads")) if pd.notna(r.get("threads")) else 0.0
+        total += wall * (min(threads, float(cores.group(1))) / float(cores.group(1)) if cores and threads else 1.0)
+    return total

@@ -18,7 +18,7 @@ from reports.claims import (INCONCLUSIVE, LARGER, MEASURED, NO_DATA, NO_EFFECT, 
                             OPPOSITE, OVERFIT_POINTS, REPRODUCED, SMALLER, ClaimResult, evaluate)
 from reports.figures import forest_figure, grid_figures
 from reports.output import write_text
-from reports.load import CENSORABLE, METRICS, GridResults, canon, coverage, display_axes, load_results
+from reports.load import CENSORABLE, METRICS, GridResults, canon, coverage, display_axes, load_results, machine_seconds
 from reports.stats import LEVEL, N_RESAMPLES, RNG_SEED, cell_summary
 
 ERRORS = {"train_error", "clean_train_error", "val_error", "test_error", "test_error_top5", "test_error_at_best_val",
@@ -107,6 +107,7 @@ def write_report(report: Report, out_dir: Path, dpi: int = 150) -> Path:
         lines += ["", f"![Every claim: paper vs ours]({_rel(forest[0], out_dir)})",
                   f"*Figure: every claim row, the paper's number (open diamond) against ours with its 95% interval, "
                   f"coloured by verdict ([SVG]({_rel(forest[1], out_dir)})).*"]
+    lines += _cost_markdown(report)
     gaps = [f"- {g}: {'; '.join(n)}" for g, n in report.coverage.items()
             if not (len(n) == 1 and n[0].startswith("complete"))]
     if gaps:
@@ -130,6 +131,21 @@ def write_report(report: Report, out_dir: Path, dpi: int = 150) -> Path:
 
 
 # ---------------------------------------------------------------- markdown
+
+def _cost_markdown(report: Report) -> list[str]:
+    """What the reported runs cost, measured: machine time per grid (wall x threads / cores, machine_seconds)."""
+    rows = [(g.name, g.label("budget") or "-", int(g.runs.status.isin(["finished", "diverged"]).sum()),
+             machine_seconds(g.runs)) for g in report.grids if g.meta.get("tests_paper", True) and len(g.runs)]
+    if not rows:
+        return []
+    lines = ["", "## What the reproduction cost", "",
+             "Measured from the runs' own records: each run's wall time x its threads / the machine's cores "
+             "(two runs at a time on a 2-core machine count half each). `ablate show --all --budget cpu` estimates "
+             "what is still pending.", "", "| grid | budget | runs | machine time |", "|---|---|---|---|"]
+    lines += [f"| {name} | {budget} | {n} | {seconds / 3600:.2f} h |" for name, budget, n, seconds in rows]
+    total = sum(r[3] for r in rows)
+    return lines + [f"| **total** | | {sum(r[2] for r in rows)} | **{total / 3600:.2f} h** |"]
+
 
 def _md(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")

@@ -211,6 +211,8 @@ _run_options = [
     click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Override the precision."),
 ]
 
+RUN_OVERRIDES = ("dataset", "epochs", "width", "subset", "test_subset", "batch_size", "precision")  # as run keys
+
 
 def _with_run_options(f):
     for opt in reversed(_run_options):
@@ -253,23 +255,40 @@ def list_cmd(results: str, as_json: bool) -> None:
 
 
 @main.command("show")
-@click.argument("grid")
+@click.argument("grid", required=False)
 @click.argument("settings", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--all", "all_grids", is_flag=True,
+              help="Every paper grid (the whole reproduction): runs, done, pending, estimated and measured time.")
 @click.option("--json", "as_json", is_flag=True, help="Print the runs and estimates as JSON.")
 @_with_run_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] for the probe.")
 @click.option("--probe/--no-probe", default=True, show_default=True,
               help="Time a few training steps per distinct model to estimate the cost.")
 @click.option("--results", default="results", show_default=True, type=click.Path())
-def show_cmd(grid: str, settings: tuple[str, ...], budget: str, seeds: str | None, device: str, probe: bool,
-             results: str, as_json: bool, **kw) -> None:
-    """Show a grid's expanded runs and an estimated cost (FLOPs and a quick throughput probe)."""
+def show_cmd(grid: str | None, settings: tuple[str, ...], all_grids: bool, budget: str, seeds: str | None,
+             device: str, probe: bool, results: str, as_json: bool, **kw) -> None:
+    """Show a grid's expanded runs and an estimated cost (FLOPs and a quick throughput probe); with --all, the
+    whole reproduction, one line per paper grid."""
     from pathlib import Path
 
     from ablations.grid import parse_overrides
     from runners.cost import estimate_rows, estimate_table
 
+    if grid and "=" in grid:  # `ablate show --all lr=0.02`: the first setting lands in GRID
+        settings, grid = (grid, *settings), None
     overrides = {**_overrides(**kw), **parse_overrides(settings)}
+    if all_grids == bool(grid):
+        raise UserError("give one grid name (see `ablate list`) or --all for every paper grid")
+    if all_grids:
+        from runners.cost import paper_grids, reproduction_rows, reproduction_table
+        from runners.train import pick_device
+        budgets = {name: _resolve_budget(budget, name, device) for name in paper_grids()}
+        rows = reproduction_rows(budgets, overrides, _parse_seeds(seeds), device, probe, Path(results))
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        _console().print(reproduction_table(rows, str(pick_device(device))))
+        return
     budget = _resolve_budget(budget, grid, device)
     if as_json:
         click.echo(json.dumps(estimate_rows(grid, budget, overrides, _parse_seeds(seeds), device, probe,
@@ -279,7 +298,9 @@ def show_cmd(grid: str, settings: tuple[str, ...], budget: str, seeds: str | Non
 
 
 @main.command("run")
-@click.option("--grid", "grid", required=True, help="Grid name (see `ablate list`).")
+@click.option("--grid", "grid", help="Grid name (see `ablate list`).")
+@click.option("--all", "all_grids", is_flag=True,
+              help="Every paper grid in turn (the whole reproduction; `ablate show --all` estimates it first).")
 @click.argument("settings", nargs=-1, metavar="[KEY=VALUE]...")
 @_with_run_options
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, or cuda[:N].")
@@ -311,10 +332,7 @@ def show_cmd(grid: str, settings: tuple[str, ...], budget: str, seeds: str | Non
               help="Checkpoint after the first epoch that ends this long after the last checkpoint; 0: after "
                    "every epoch.  [default: 30]")
 @click.pass_context
-def run_cmd(ctx, grid: str, settings: tuple[str, ...], budget: str, seeds: str | None, device: str, results: str,
-            data_dir: str | None, dry_run: bool, plain: bool, no_wait: bool, jobs: int, executor: str,
-            address: str | None, nnodes: int, node_rank: int, rdzv: str, yes: bool, checkpoint_every: float | None,
-            **kw) -> None:
+def run_cmd(ctx, grid: str | None, all_grids: bool, **options) -> None:
     """Train every pending run of a grid; finished runs are skipped, interrupted ones resumed.
 
     KEY=VALUE overrides any run setting (lr=0.02, augment=none) or a Cartesian axis's values
@@ -322,7 +340,39 @@ def run_cmd(ctx, grid: str, settings: tuple[str, ...], budget: str, seeds: str |
 
     Exit codes: 0 all runs done (finished or diverged), 2 bad input, 3 some runs failed,
     75 some runs are being trained by another process, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM);
-    after 130 or 143 rerun the same command to resume from the last finished epoch."""
+    after 130 or 143 rerun the same command to resume from the last finished epoch. With --all, the worst of
+    the grids' codes (3 before 75 before 0)."""
+    if all_grids == bool(grid):
+        raise UserError("give --grid NAME (see `ablate list`) or --all for every paper grid")
+    if not all_grids:
+        sys.exit(_run_grid(grid, **options))
+    from runners.cost import HOUR, paper_grids, reproduction_rows
+    names = paper_grids()
+    if not options["yes"] and not options["dry_run"] and options["node_rank"] == 0:
+        from pathlib import Path
+
+        from ablations.grid import parse_overrides
+        budgets = {n: _resolve_budget(options["budget"], n, options["device"]) for n in names}
+        overrides = {**_overrides(**{k: options[k] for k in RUN_OVERRIDES}), **parse_overrides(options["settings"])}
+        rows = reproduction_rows(budgets, overrides, _parse_seeds(options["seeds"]), options["device"], True,
+                                 Path(options["results"]))
+        pending = sum(r["estimated_pending_seconds"] for r in rows)
+        if pending > HOUR:
+            raise UserError(f"the reproduction's pending runs ({sum(r['pending'] for r in rows)}) are estimated at "
+                            f"up to {pending / HOUR:.1f} h on this machine (at the epoch caps; early stops make it "
+                            f"shorter); add --yes to start, or see `ablate show --all`")
+    codes = []
+    for name in names:
+        click.echo(f"== grid {name}")
+        codes.append(_run_grid(name, **{**options, "yes": True}))
+    sys.exit(max(codes, key=lambda c: {3: 2, 75: 1}.get(c, 0 if c == 0 else 3)))
+
+
+def _run_grid(grid: str, settings: tuple[str, ...], budget: str, seeds: str | None, device: str, results: str,
+              data_dir: str | None, dry_run: bool, plain: bool, no_wait: bool, jobs: int, executor: str,
+              address: str | None, nnodes: int, node_rank: int, rdzv: str, yes: bool,
+              checkpoint_every: float | None, **kw) -> int:
+    """One grid of `ablate run`; returns its exit code."""
     from pathlib import Path
 
     from runners.execute import plan, run_grid
@@ -350,7 +400,7 @@ def run_cmd(ctx, grid: str, settings: tuple[str, ...], budget: str, seeds: str |
         later = confirmation_count(g, budget, seed_list) - (len(specs) - len(expand(g, budget, overrides, seed_list)))
         click.echo(f"{len(specs)} runs" + (f" (+ {later} confirmation runs at the chosen {g.tune['axis']} once the "
                                            f"selection runs are done)" if later > 0 else ""))
-        return
+        return 0
     if executor == "ray" and (jobs > 1 or nnodes > 1):
         raise UserError("--executor ray schedules the runs itself (a run's ranks share one node): drop --jobs "
                         "and --nnodes")
@@ -375,11 +425,11 @@ def run_cmd(ctx, grid: str, settings: tuple[str, ...], budget: str, seeds: str |
                 failed = follow_grid(grid, Path(results), budget, overrides, seed_list, data_path, device, nodes,
                                      say=click.echo)
                 click.echo(f"node {node_rank}: joined every multi-device run; {failed} failed on this node")
-                sys.exit(3 if failed else 0)
+                return 3 if failed else 0
         if jobs > 1:
             from runners.executors import run_jobs
-            sys.exit(run_jobs(jobs, grid, Path(results), budget, overrides, seed_list, data_path, device,
-                              not no_wait, say=click.echo))
+            return run_jobs(jobs, grid, Path(results), budget, overrides, seed_list, data_path, device,
+                            not no_wait, say=click.echo)
         reporter = make_reporter(None if not plain and executor == "local" else False)  # Ray relays plain lines
         if executor == "ray":
             from runners.executors import run_grid_ray
@@ -401,7 +451,7 @@ def run_cmd(ctx, grid: str, settings: tuple[str, ...], budget: str, seeds: str |
     if outcome.busy:
         click.echo("some runs are being trained by another process; rerun later to pick up what is left",
                    err=True)
-    sys.exit(outcome.exit_code)
+    return outcome.exit_code
 
 
 @main.command("model")

@@ -147,3 +147,60 @@ def _fmt_seconds(s: float) -> str:
     if s < 7200:
         return f"{s / 60:.0f} min"
     return f"{s / 3600:.1f} h"
+
+
+def paper_grids() -> list[str]:
+    """The grids of the reproduction: every grid that tests a claim of the paper (not the smoke pipeline check)."""
+    from ablations.grid import grid_names, load_grid
+
+    return [name for name in grid_names() if load_grid(name).tests_paper]
+
+
+def reproduction_rows(budgets: dict[str, str], overrides: dict, seeds: list[int] | None, device: str, probe: bool,
+                      results: Path) -> list[dict]:
+    """Per paper grid at its budget: runs, done, pending, the estimate of what is pending and the machine time
+    the done runs took (from their records). `ablate show --all` prints them; the report records the last."""
+    rows = []
+    for name, budget in budgets.items():
+        est = estimate_rows(name, budget, overrides, seeds, device, probe, results)
+        rows.append({"grid": name, "budget": budget, "runs": len(est["runs"]), "done": len(est["runs"]) -
+                     est["pending_runs"], "pending": est["pending_runs"],
+                     "confirmation_runs_to_come": est["confirmation_runs_to_come"],
+                     "estimated_pending_seconds": est["estimated_pending_seconds"],
+                     "measured_seconds": _measured(results, name, {r["run_id"] for r in est["runs"]
+                                                                   if r["state"] == "done"})})
+    return rows
+
+
+def _measured(results: Path, name: str, run_ids: set[str]) -> float:
+    """Machine time of these finished runs of the grid (other runs in its folder belong to other plans)."""
+    import pandas as pd
+
+    from reports.load import machine_seconds
+
+    if not run_ids or not (results / name / "runs.csv").exists():
+        return 0.0  # nothing trained yet
+    try:
+        runs = pd.read_csv(results / name / "runs.csv")
+    except (OSError, ValueError):
+        return float("nan")  # unreadable: the report says why
+    return machine_seconds(runs[runs.run_id.isin(run_ids)])
+
+
+def reproduction_table(rows: list[dict], device: str) -> Table:
+    table = Table(title=f"the reproduction: every paper grid on {device}",
+                  caption="pending: epoch caps x images / probed rate (early stops make it shorter); measured: the "
+                          "done runs' wall time x threads / cores, from their records")
+    for col in ("grid", "budget", "runs", "done", "pending", "est. pending", "measured"):
+        table.add_column(col)
+    for r in rows:
+        more = f" (+{r['confirmation_runs_to_come']})" if r["confirmation_runs_to_come"] else ""
+        est = r["estimated_pending_seconds"]
+        table.add_row(r["grid"], r["budget"], str(r["runs"]), str(r["done"]), f"{r['pending']}{more}",
+                      _fmt_seconds(est) if est is not None else "", _fmt_seconds(r["measured_seconds"]))
+    table.add_section()
+    est = [r["estimated_pending_seconds"] for r in rows]
+    table.add_row("total", "", str(sum(r["runs"] for r in rows)), str(sum(r["done"] for r in rows)),
+                  str(sum(r["pending"] for r in rows)), _fmt_seconds(sum(est)) if None not in est else "",
+                  _fmt_seconds(sum(r["measured_seconds"] for r in rows)))
+    return table

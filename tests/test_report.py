@@ -564,3 +564,17 @@ def test_the_report_refuses_aggregates_that_disagree_with_the_run_folders(tmp_pa
     pd.concat([runs, runs.iloc[:1]]).to_csv(gdir / "runs.csv", index=False)
     with pytest.raises(UserError, match="more than once"):
         load_grid(tmp_path, "lrn")
+
+
+def test_machine_time_counts_each_run_by_its_share_of_the_cores():
+    import pandas as pd
+
+    from reports.load import machine_seconds
+    runs = pd.DataFrame({"status": ["finished", "finished", "diverged", "failed", "finished"],
+                         "wall_seconds": [100.0, 100.0, 60.0, 500.0, 30.0],
+                         "threads": [1, 2, 1, 1, 8],
+                         "device_name": ["Some CPU, 2 CPUs", "Some CPU, 2 CPUs", "Some CPU, 2 CPUs",
+                                         "Some CPU, 2 CPUs", "NVIDIA H200"]})
+    # two at a time on 2 cores count half; one on both cores counts whole; a failed run is not part of the results
+    assert machine_seconds(runs) == pytest.approx(50 + 100 + 30 + 30)
+    assert machine_seconds(runs.iloc[:0]) == 0.0

@@ -361,3 +361,23 @@ def test_sigterm_to_a_jobs_parent_stops_every_child_cleanly(tmp_path, data_dir):
     again = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, again
     assert again.count("resuming at epoch") == len(interrupted), again
+
+
+def test_all_shows_and_runs_every_paper_grid_and_no_pipeline_check(tmp_path):
+    from ablations.grid import grid_names, load_grid
+    from runners.cli import main
+    paper = [n for n in grid_names() if load_grid(n).tests_paper]
+    assert "smoke" in grid_names() and "smoke" not in paper and "relu_vs_tanh" in paper
+    shown = CliRunner().invoke(main, ["show", "--all", "--budget", "cpu", "--no-probe", "--json",
+                                      "--results", str(tmp_path)])
+    assert shown.exit_code == 0, shown.output
+    rows = json.loads(shown.output)
+    assert [r["grid"] for r in rows] == paper and all(r["budget"] == "cpu" for r in rows)
+    assert all(r["done"] == 0 and r["pending"] == r["runs"] and r["measured_seconds"] == 0 for r in rows)
+    dry = CliRunner().invoke(main, ["run", "--all", "--budget", "cpu", "--dry-run", "--out", str(tmp_path)])
+    assert dry.exit_code == 0 and [ln[len("== grid "):] for ln in dry.output.splitlines()
+                                   if ln.startswith("== grid ")] == paper
+    assert not list(tmp_path.iterdir()), "a dry run writes nothing"
+    for args in (["run"], ["run", "--all", "--grid", "smoke"], ["show"]):
+        bad = CliRunner().invoke(main, args)
+        assert bad.exit_code == 2 and "--all" in bad.output, bad.output
