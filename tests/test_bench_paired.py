@@ -44,10 +44,11 @@ def test_too_few_pairs_give_no_interval_and_no_verdict():
     assert paired.decide(lo, hi, 0.05) == "undecided"
 
 
-def test_decide_needs_the_whole_interval_on_one_side_of_the_tolerance():
-    assert paired.decide(1.06, 1.20, 0.05) == "slower"
+def test_decide_fails_above_the_tolerance_and_passes_only_what_excludes_twice_it():
+    assert paired.decide(1.06, 1.20, 0.05) == "slower", "slower than 5 %, with confidence"
     assert paired.decide(0.90, 1.04, 0.05) == "ok"
-    assert paired.decide(1.00, 1.06, 0.05) == "undecided"
+    assert paired.decide(1.00, 1.09, 0.05) == "ok", "not shown slower than 5 %, and 10 % excluded"
+    assert paired.decide(0.98, 1.11, 0.05) == "undecided", "a 10 % slowdown could hide in this interval"
     assert paired.decide(1.05, 1.30, 0.05) == "undecided", "exactly the tolerance is not 'slower'"
 
 
@@ -65,9 +66,11 @@ def simulated(slowdown: float, noise: float, seed: int = 0):
 
 
 @pytest.mark.parametrize("slowdown, noise, expected, exit_code", [
-    (0.15, 0.01, "slower", 3), (0.0, 0.01, "ok", 0), (0.0, 0.5, "undecided", 5)])
+    (0.15, 0.01, "slower", 3), (0.0, 0.01, "ok", 0), (0.0, 1.0, "undecided", 5)])
 def test_compare_trees_on_simulated_timings(tmp_path, monkeypatch, slowdown, noise, expected, exit_code):
-    monkeypatch.setattr(paired, "run_worker", simulated(slowdown, noise))
+    # seed 1: under noise this large a false "slower" happens (about 6% of seeds, as a 95% one-sided rule on two
+    # cases allows); this test is about the common outcome
+    monkeypatch.setattr(paired, "run_worker", simulated(slowdown, noise, seed=1))
     cfg = paired.PairedConfig(cases=("train convnet4 bf16", "pipeline none"), concurrent=False)
     r = paired.compare_trees(cfg, tmp_path / "head", tmp_path / "base", say=lambda _: None)
     assert r.verdict == expected and r.exit_code == exit_code

@@ -10,9 +10,9 @@ one head/base time ratio per case; a case's verdict reads the Hodges-Lehmann cen
 exact Wilcoxon signed-rank interval (robust to the odd disturbed process, no normality assumed):
 
 - slower: the whole interval lies above 1 + tolerance (slower than the tolerance, with confidence): the gate fails;
-- ok: the whole interval lies below 1 + tolerance (any slowdown is within the tolerance, with confidence);
-- undecided: the interval straddles 1 + tolerance: the machine was too noisy to tell ("undecided, re-run"),
-  never reported as a pass.
+- ok: it does not, and its top lies below 1 + 2 x tolerance: a slowdown of twice the tolerance (10% by default,
+  the smallest the gate promises to catch) is excluded with confidence;
+- undecided: neither: the machine was too noisy to tell ("undecided, re-run"), never reported as a pass.
 
 The number of pairs is fixed in advance; stopping as soon as the interval clears would inflate the false alarms.
 
@@ -49,10 +49,10 @@ class PairedConfig:
     rev: str = "HEAD~1"
     tolerance: float = TOLERANCE  # a case may be this much slower (time ratio 1 + tolerance) and pass
     cases: tuple[str, ...] = CASES
-    pairs: int = 12  # fixed in advance: deciding after every pair would inflate the false alarms
+    pairs: int = 16  # fixed in advance: deciding after every pair would inflate the false alarms
     concurrent: bool | None = None  # head and base side by side (None: when the machine has 2 x threads cores)
-    call_seconds: float = 0.08  # work per timed call, sized once by a calibration process
-    calls: int = 3  # timed calls per case per process, which reads their median (the spread between processes,
+    call_seconds: float = 0.06  # work per timed call, sized once by a calibration process
+    calls: int = 2  # timed calls per case per process, which reads their median (the spread between processes,
     # 2-8 % here, dwarfs that within one, 0.5-3 %: more processes tighten the interval, more calls do not)
     threads: int = 1  # one thread: steadier than two on a shared 2-core machine
     stall: float = 0.0  # inject a slowdown of this fraction into head (busy-wait after each timed call)
@@ -127,11 +127,12 @@ def pseudo_median_interval(xs: list[float], confidence: float = CONFIDENCE) -> t
 
 
 def decide(lo: float, hi: float, tolerance: float) -> str:
-    """slower when the interval lies above 1 + tolerance, ok when below it, undecided otherwise (or no interval)."""
+    """slower: the interval lies above 1 + tolerance (slower than the tolerance, with confidence); ok: it does not,
+    and it excludes a slowdown of twice the tolerance (the smallest the gate promises to catch); undecided:
+    neither, the measurement too noisy to tell (or no interval)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return "undecided"
-    limit = 1.0 + tolerance
-    return "slower" if lo > limit else "ok" if hi < limit else "undecided"
+    return "slower" if lo > 1.0 + tolerance else "ok" if hi < 1.0 + 2 * tolerance else "undecided"
 
 
 def case_result(case: str, ratios: list[float], tolerance: float) -> CaseResult:
