@@ -16,3 +16,6 @@ DROPOUT_AT = ("outputs", "inputs")
 # which parameters weight decay applies to: the weights only (cuda-convnet's wc, Caffe's decay_mult 0 on biases,
 # the paper's recipe) or every parameter (torch.optim's default)
 DECAY_ON = ("weights", "all")
+# a run in one of these states is finished: never trained again, and part of the results (a diverged run is a
+# result: its loss went to nan or inf); any other state (failed, or no summary yet) is retried by the next run
+FINISHED = ("finished", "diverged")

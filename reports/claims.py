@@ -16,6 +16,7 @@ import pandas as pd
 
 import numpy as np
 
+from ablations.choices import FINISHED
 from ablations.tune import pick, position
 from reports.load import GridResults, canon
 from reports.stats import Interval, clip, compare, detectable, seeds_needed
@@ -254,7 +255,7 @@ def evaluate_claim(grid: GridResults, claim: Claim, runs: pd.DataFrame) -> list[
     if claim.axis not in runs or not len(runs):
         return [_empty(grid, claim, (), "no runs")]
     splits = split_axes(runs, grid.axes, claim)
-    usable = runs[runs.status.isin(["finished", "diverged"])]
+    usable = runs[runs.status.isin(FINISHED)]
     for key, value in claim.fixed:
         if key in usable:
             usable = usable[usable[key] == canon(value)]

@@ -17,6 +17,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ablations.choices import FINISHED
 from reports.claims import (INCONCLUSIVE, LARGER, MEASURED, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE, OPPOSITE,
                             REPRODUCED, SMALLER, ClaimResult, side_name)
 from reports.load import GridResults, canon, cell_label, display_axes
@@ -47,7 +48,7 @@ def _wrap(text: str, width: int = 80) -> str:
 
 
 def _finished(grid: GridResults) -> pd.DataFrame:
-    return grid.runs[grid.runs.status.isin(["finished", "diverged"])]
+    return grid.runs[grid.runs.status.isin(FINISHED)]
 
 
 def _t_band(values) -> tuple[float, float]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ablations.choices import FINISHED
 from ablations.errors import UserError
 
 RUN_KEYS = ["run_id", "status", "seed"]
@@ -214,7 +215,7 @@ def derive_metrics(runs: pd.DataFrame, meta: dict | None = None) -> pd.DataFrame
         runs["learned"] = runs.train_loss < CHANCE_LOSS * math.log(classes)
     cap = pd.to_numeric(runs["epochs"], errors="coerce") if "epochs" in runs else pd.Series(np.nan, runs.index)
     cap = cap.fillna((meta or {}).get("epochs", np.nan))
-    ran = runs.status.isin(["finished", "diverged"])
+    ran = runs.status.isin(FINISHED)
     has_target = _present(runs, "target_metric") & ran
     has_loss = (pd.to_numeric(runs.get("loss_target", pd.Series(np.nan, runs.index)), errors="coerce") > 0) & ran
     spent = {"epochs_to_target": (has_target, cap), "seconds_to_target": (has_target, runs.train_seconds),
@@ -285,7 +286,7 @@ def coverage(grid: GridResults) -> list[str]:
     cells = runs.groupby(axes, sort=True) if axes else [((), runs)]
     short = []
     for key, cell in cells:
-        have = cell[cell.status.isin(["finished", "diverged"])].seed.nunique()
+        have = cell[cell.status.isin(FINISHED)].seed.nunique()
         if have < len(expected):
             short.append((cell_label(cell.iloc[0], axes), have))
     n_cells = len(runs.groupby(axes)) if axes else 1
@@ -308,7 +309,7 @@ def _tuned_coverage(runs: pd.DataFrame, axes: list[str], meta: dict) -> list[str
     def lacking(keys: list[str], seeds: list[int]) -> tuple[int, list[str]]:
         groups = [cell for _, cell in runs.groupby(keys, sort=True)] if keys else [runs]
         short = [cell_label(cell.iloc[0], keys) or "all" for cell in groups
-                 if not set(seeds) <= set(cell[cell.status.isin(["finished", "diverged"])].seed.astype(int))]
+                 if not set(seeds) <= set(cell[cell.status.isin(FINISHED)].seed.astype(int))]
         return len(groups), short
 
     notes = []
@@ -324,7 +325,7 @@ def _tuned_coverage(runs: pd.DataFrame, axes: list[str], meta: dict) -> list[str
 def _run_problems(grid: GridResults, runs: pd.DataFrame, axes: list[str]) -> list[str]:
     """Failed and diverged runs, and finished runs whose learning curves are missing."""
     notes = []
-    ok = runs[runs.status.isin(["finished", "diverged"])]
+    ok = runs[runs.status.isin(FINISHED)]
     for status in ("failed", "diverged"):
         bad = runs[runs.status == status]
         if len(bad):
@@ -340,7 +341,7 @@ def machine_seconds(runs: pd.DataFrame) -> float:
     """The machine time a grid's finished runs took: each run's wall time x its threads / the machine's cores
     (read from device_name, "..., 2 CPUs"), so that runs trained two at a time (--jobs 2, a thread each) count
     half their wall time each, and one run on every core counts its own. GPU runs count their wall time."""
-    done = runs[runs.status.isin(["finished", "diverged"])] if "status" in runs else runs
+    done = runs[runs.status.isin(FINISHED)] if "status" in runs else runs
     if not len(done) or "wall_seconds" not in done:
         return 0.0
     total = 0.0

@@ -12,6 +12,7 @@ import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 
+from ablations.choices import FINISHED
 from ablations.errors import UserError
 from ablations.grid import grid_names, load_grid
 from reports.claims import (INCONCLUSIVE, LARGER, MEASURED, NO_DATA, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE,
@@ -134,7 +135,7 @@ def write_report(report: Report, out_dir: Path, dpi: int = 150) -> Path:
 
 def _cost_markdown(report: Report) -> list[str]:
     """What the reported runs cost, measured: machine time per grid (wall x threads / cores, machine_seconds)."""
-    rows = [(g.name, g.label("budget") or "-", int(g.runs.status.isin(["finished", "diverged"]).sum()),
+    rows = [(g.name, g.label("budget") or "-", int(g.runs.status.isin(FINISHED).sum()),
              machine_seconds(g.runs)) for g in report.grids if g.meta.get("tests_paper", True) and len(g.runs)]
     if not rows:
         return []
@@ -244,7 +245,7 @@ def _shown_metrics(grid: GridResults) -> list[str]:
 
 
 def _cells(grid: GridResults) -> pd.DataFrame:
-    runs = grid.runs[grid.runs.status.isin(["finished", "diverged"])]
+    runs = grid.runs[grid.runs.status.isin(FINISHED)]
     if not len(runs):
         return pd.DataFrame()
     axes = display_axes(grid.runs, grid.axes)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import sys
 
 import click
@@ -277,7 +276,9 @@ def show_cmd(grid: str | None, settings: tuple[str, ...], all_grids: bool, budge
     if grid and "=" in grid:  # `ablate show --all lr=0.02`: the first setting lands in GRID
         settings, grid = (grid, *settings), None
     overrides = {**_overrides(**kw), **parse_overrides(settings)}
-    if all_grids == bool(grid):
+    if all_grids and grid is not None:
+        raise UserError("give either a grid name or --all, not both")
+    if not all_grids and grid is None:
         raise UserError("give one grid name (see `ablate list`) or --all for every paper grid")
     if all_grids:
         from runners.cost import paper_grids, reproduction_rows, reproduction_table
@@ -342,8 +343,10 @@ def run_cmd(ctx, grid: str | None, all_grids: bool, **options) -> None:
     75 some runs are being trained by another process, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM);
     after 130 or 143 rerun the same command to resume from the last finished epoch. With --all, the worst of
     the grids' codes (3 before 75 before 0)."""
-    if all_grids == bool(grid):
-        raise UserError("give --grid NAME (see `ablate list`) or --all for every paper grid")
+    if all_grids and grid is not None:
+        raise UserError("give either --grid NAME or --all, not both")
+    if not all_grids and grid is None:
+        raise UserError("Missing option '--grid': give --grid NAME (see `ablate list`) or --all for every paper grid")
     if not all_grids:
         sys.exit(_run_grid(grid, **options))
     from runners.cost import HOUR, paper_grids, reproduction_rows
@@ -387,8 +390,9 @@ def _run_grid(grid: str, settings: tuple[str, ...], budget: str, seeds: str | No
     if checkpoint_every is not None and not checkpoint_every < float("inf"):  # FloatRange lets nan, inf through
         raise UserError(f"--checkpoint-every (or ABLATE_CHECKPOINT_SECONDS) must be a number of seconds >= 0, got "
                         f"{checkpoint_every}")
-    if checkpoint_every is not None:  # in the environment, so every worker process (--jobs, DDP, Ray) sees it
-        os.environ["ABLATE_CHECKPOINT_SECONDS"] = repr(checkpoint_every)
+    from runners.train import CHECKPOINT_SECONDS, TrainOptions
+    options = TrainOptions(CHECKPOINT_SECONDS if checkpoint_every is None else checkpoint_every, nnodes, node_rank,
+                           rdzv)  # passed to every launcher and worker process as an argument
     if dry_run:
         store = Store(Path(results))
         g, specs = plan(grid, budget, overrides, seed_list, store)
@@ -418,9 +422,7 @@ def _run_grid(grid: str, settings: tuple[str, ...], budget: str, seeds: str | No
         if nnodes > 1:
 
             from runners.ddp import Nodes, follow_grid
-            nodes = Nodes(nnodes, node_rank, rdzv)
-            nodes.check()
-            os.environ.update(nodes.environ())  # read by the torchrun launcher (runners/ddp.py)
+            nodes = Nodes.of(options)
             if node_rank > 0:
                 failed = follow_grid(grid, Path(results), budget, overrides, seed_list, data_path, device, nodes,
                                      say=click.echo)
@@ -429,15 +431,15 @@ def _run_grid(grid: str, settings: tuple[str, ...], budget: str, seeds: str | No
         if jobs > 1:
             from runners.executors import run_jobs
             return run_jobs(jobs, grid, Path(results), budget, overrides, seed_list, data_path, device,
-                            not no_wait, say=click.echo)
+                            not no_wait, say=click.echo, options=options)
         reporter = make_reporter(None if not plain and executor == "local" else False)  # Ray relays plain lines
         if executor == "ray":
             from runners.executors import run_grid_ray
             outcome = run_grid_ray(grid, Path(results), budget, overrides, seed_list, data_path, device, reporter,
-                                   address, wait_for_others=not no_wait)
+                                   address, wait_for_others=not no_wait, options=options)
         else:
             outcome = run_grid(grid, Path(results), budget, overrides, seed_list, data_path, device, reporter,
-                               wait_for_others=not no_wait)
+                               wait_for_others=not no_wait, options=options)
     except KeyboardInterrupt as err:
         if reporter is not None:
             reporter.close()

@@ -136,8 +136,9 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     """--data-dir, then $ABLATE_DATA, then ~/.cache/ablate/data."""
     if data_dir:
         return Path(data_dir).expanduser()
-    if os.environ.get("ABLATE_DATA"):
-        return Path(os.environ["ABLATE_DATA"]).expanduser()
+    env = os.environ.get("ABLATE_DATA")
+    if env:
+        return Path(env).expanduser()
     return Path.home() / ".cache" / "ablate" / "data"
 
 

@@ -31,10 +31,9 @@ from ablations.errors import UserError
 from ablations.spec import RunSpec
 from runners.ddp_worker import EPOCH_TAG
 from runners.store import Store, atomic_write_json
-from runners.train import RunResult, pick_device
+from runners.train import CHECKPOINT_SECONDS, RunResult, TrainOptions, pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV_NNODES, ENV_NODE_RANK, ENV_RDZV = "ABLATE_NNODES", "ABLATE_NODE_RANK", "ABLATE_RDZV"
 ENV_TIMEOUT = "ABLATE_DDP_TIMEOUT"  # seconds a collective may wait for a lost rank
 ENV_RDZV_TIMEOUT = "ABLATE_RDZV_TIMEOUT"  # seconds a node waits for the others to join a run
 
@@ -48,12 +47,8 @@ class Nodes:
     rdzv: str = ""  # HOST:PORT on node 0; only for nnodes > 1
 
     @staticmethod
-    def from_env(env: dict | None = None) -> "Nodes":
-        env = os.environ if env is None else env
-        try:
-            nodes = Nodes(int(env.get(ENV_NNODES) or 1), int(env.get(ENV_NODE_RANK) or 0), env.get(ENV_RDZV, ""))
-        except ValueError:
-            raise UserError(f"${ENV_NNODES} and ${ENV_NODE_RANK} must be integers") from None
+    def of(options: TrainOptions) -> "Nodes":
+        nodes = Nodes(options.nnodes, options.node_rank, options.rdzv)
         nodes.check()
         return nodes
 
@@ -71,9 +66,15 @@ class Nodes:
                             f"device count divisible by --nnodes")
         return devices // self.nnodes
 
-    def environ(self) -> dict[str, str]:
-        """The same settings as environment variables (for processes started from here)."""
-        return {ENV_NNODES: str(self.nnodes), ENV_NODE_RANK: str(self.node_rank), ENV_RDZV: self.rdzv}
+
+def worker_pythonpath() -> str:
+    """PYTHONPATH for a worker process: this checkout first, so workers run this tree even when not installed."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """The environment of a worker process: ours, with its thread count and this checkout on its path."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": worker_pythonpath()}
 
 
 def _timeout_s(name: str, default: float) -> float:
@@ -84,7 +85,8 @@ def _timeout_s(name: str, default: float) -> float:
 
 
 def torchrun_command(spec: RunSpec, run_dir: Path, device: torch.device, data_dir: Path | None,
-                     threads: int, nodes: Nodes, context: dict) -> list[str]:
+                     threads: int, nodes: Nodes, context: dict,
+                     checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[str]:
     """`python -m torch.distributed.run ... -m runners.ddp_worker ...` for this node's share of the ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nodes.per_node(spec.devices)),
            "--max-restarts", "0"]
@@ -96,7 +98,7 @@ def torchrun_command(spec: RunSpec, run_dir: Path, device: torch.device, data_di
                 "--rdzv-endpoint", nodes.rdzv, "--rdzv-id", spec.run_id, "--rdzv-conf", f"timeout={rdzv_timeout}"]
     cmd += ["-m", "runners.ddp_worker", "--run-dir", str(run_dir), "--run-id", spec.run_id,
             "--device", device.type, "--threads", str(threads), "--timeout-s", str(_timeout_s(ENV_TIMEOUT, 120)),
-            "--context", json.dumps(context, default=str)]
+            "--context", json.dumps(context, default=str), "--checkpoint-seconds", repr(checkpoint_seconds)]
     if data_dir is not None:
         cmd += ["--data-dir", str(data_dir)]
     return cmd
@@ -104,12 +106,12 @@ def torchrun_command(spec: RunSpec, run_dir: Path, device: torch.device, data_di
 
 def launch_ddp_run(spec: RunSpec, rdir: Path, dev: torch.device, context: dict,
                    on_epoch: Callable[[dict], None], data_dir: Path | None = None,
-                   nodes: Nodes | None = None) -> RunResult:
+                   options: TrainOptions = TrainOptions()) -> RunResult:
     """Train (or resume) one multi-device run with torchrun; the caller holds the run lock."""
-    nodes = nodes or Nodes.from_env()
+    nodes = Nodes.of(options)
     rdir = Path(rdir)
     threads = max(1, torch.get_num_threads() // nodes.per_node(spec.devices))
-    cmd = torchrun_command(spec, rdir.resolve(), dev, data_dir, threads, nodes, context)
+    cmd = torchrun_command(spec, rdir.resolve(), dev, data_dir, threads, nodes, context, options.checkpoint_seconds)
     atomic_write_json(rdir / "spec.json", spec.to_json())  # rank 0 reads it and sends it to the others
     (rdir / "summary.json").unlink(missing_ok=True)  # a failed attempt's; this attempt writes its own
     rc, tail = run_torchrun(cmd, threads, on_epoch)
@@ -130,8 +132,7 @@ def launch_ddp_run(spec: RunSpec, rdir: Path, dev: torch.device, context: dict,
 def run_torchrun(cmd: list[str], threads: int, on_epoch: Callable[[dict], None]) -> tuple[int, list[str]]:
     """Run the launcher, relay epoch lines to on_epoch and everything else to stderr. Returns (exit code, the
     last lines). Interrupted or killed, the launcher is told to stop its ranks (SIGTERM) before we go."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = worker_env(threads)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             preexec_fn=stop_with_parent if sys.platform == "linux" else None)
     tail: deque[str] = deque(maxlen=40)
@@ -174,14 +175,13 @@ def _rows(rdir: Path) -> list[dict]:
 
 def follow_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict | None = None,
                 seeds: list[int] | None = None, data_dir: Path | None = None, device: str = "auto",
-                nodes: Nodes | None = None, say: Callable[[str], None] = print) -> int:
+                nodes: Nodes = Nodes(), say: Callable[[str], None] = print) -> int:
     """Node R > 0 of a multi-node grid: join node 0's multi-device runs, in grid order, once each (node 0 moves
     on after a failed run too, so a retry here would wait for a run node 0 no longer starts). Runs already
     done in the shared results folder are skipped, as node 0 skips them. Takes no lock and writes nothing.
     Returns the number of joined runs whose launcher failed on this node."""
     from runners.execute import plan
 
-    nodes = nodes or Nodes.from_env()
     grid, specs = plan(grid_name, budget, overrides, seeds)
     store = Store(Path(results))
     dev = pick_device(device)

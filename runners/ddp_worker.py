@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ablations.errors import UserError
+from runners.train import CHECKPOINT_SECONDS
 
 EPOCH_TAG = "@ablate-epoch "
 
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=120.0, help="Process-group timeout: a lost rank ends the "
                                                                   "others after this long at most.")
     p.add_argument("--context", default="{}", help="JSON merged into the summary's environment.")
+    p.add_argument("--checkpoint-seconds", type=float, default=CHECKPOINT_SECONDS,
+                   help="Seconds of training between checkpoints (0: after every epoch).")
     return p.parse_args(argv)
 
 
@@ -109,7 +112,8 @@ def _train(args: argparse.Namespace, rank: int, local_rank: int, world: int, dev
         return DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     result = train_run(spec, data, args.run_dir, device, context=context, on_epoch=on_epoch if rank == 0 else None,
-                       shard=(rank, world), wrap=wrap, reduce=all_reduce_sum, gather=all_gather)
+                       shard=(rank, world), wrap=wrap, reduce=all_reduce_sum, gather=all_gather,
+                       checkpoint_seconds=args.checkpoint_seconds)
     return 1 if result.status == "failed" else 0
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from ablations.choices import FINISHED
 from ablations.errors import UserError
 from ablations.grid import Grid, expand, load_grid
 from ablations.tune import pick
@@ -23,8 +24,8 @@ from runners.data import load_dataset, resolve_data_dir
 from runners.progress import PlainReporter
 from runners.faults import fault_point
 from runners.tblog import RunLog
-from runners.store import FINISHED, RunLock, Store, atomic_write_json, remove_stale_temps
-from runners.train import check_data_fits, pick_device, train_run
+from runners.store import RunLock, Store, atomic_write_json, remove_stale_temps
+from runners.train import TrainOptions, check_data_fits, pick_device, train_run
 
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_BUSY = 0, 3, 75
 
@@ -78,8 +79,8 @@ def store_chooser(store: Store, grid: Grid) -> Callable[[list[RunSpec]], Any]:
     return choose
 
 
-def check_devices(specs: list[RunSpec], device: torch.device) -> None:
-    nnodes = int(os.environ.get("ABLATE_NNODES") or 1)  # multi-node data parallelism (runners/ddp.py)
+def check_devices(specs: list[RunSpec], device: torch.device, nnodes: int = 1) -> None:
+    """Each node must hold its share of a run's devices (nnodes > 1: multi-node data parallelism, runners/ddp.py)."""
     need = -(-max(s.devices for s in specs) // nnodes)
     have = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
     if need > have:
@@ -91,7 +92,8 @@ def check_devices(specs: list[RunSpec], device: torch.device) -> None:
 def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict | None = None,
              seeds: list[int] | None = None, data_dir: Path | None = None, device: str = "auto",
              reporter: PlainReporter | None = None, command: str | None = None,
-             wait_for_others: bool = True, poll_s: float = 2.0) -> GridOutcome:
+             wait_for_others: bool = True, poll_s: float = 2.0,
+             options: TrainOptions = TrainOptions()) -> GridOutcome:
     """Train every pending run of a grid into results/<grid>/ and regenerate the aggregates.
 
     Runs locked by another live process are waited for (or, with wait_for_others=False, left to it), so
@@ -101,7 +103,7 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
     grid, specs = plan(grid_name, budget, overrides, seeds, store)
     store.check_writable(grid.name)
     dev = pick_device(device)
-    check_devices(specs, dev)
+    check_devices(specs, dev, options.nnodes)
     data_dir = resolve_data_dir(data_dir)
     datasets = {name: load_dataset(name, data_dir) for name in sorted({s.dataset for s in specs})}
     for s in specs:  # before anything is written
@@ -118,8 +120,8 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
     while pending:
         waiting = []
         for i, spec in pending:
-            state = _attempt(spec, i, len(specs), store, grid.name, datasets, dev, context, reporter, outcome,
-                             data_dir)
+            state = attempt_run(spec, i, len(specs), store, grid.name, datasets, dev, context, reporter, outcome,
+                             data_dir, options)
             if state == "busy":
                 waiting.append((i, spec))
         if waiting and not wait_for_others:
@@ -165,8 +167,9 @@ def write_grid_json(store: Store, grid: Grid, specs: list[RunSpec], budget: str,
                        if specs[0].early_stop_metric else None)})
 
 
-def _attempt(spec: RunSpec, i: int, total: int, store: Store, grid: str, datasets: dict, dev: torch.device,
-             context: dict, reporter: PlainReporter, outcome: GridOutcome, data_dir: Path | None = None) -> str:
+def attempt_run(spec: RunSpec, i: int, total: int, store: Store, grid: str, datasets: dict, dev: torch.device,
+             context: dict, reporter: PlainReporter, outcome: GridOutcome, data_dir: Path | None = None,
+             options: TrainOptions = TrainOptions()) -> str:
     """Train one run unless it is done or locked by a live process. Returns "done", "trained" or "busy"."""
     fault_point("run", spec.run_id)
     if store.is_done(grid, spec.run_id):
@@ -183,7 +186,7 @@ def _attempt(spec: RunSpec, i: int, total: int, store: Store, grid: str, dataset
             return "done"
         remove_stale_temps(rdir)  # what a killed writer of this run left; the lock says nobody writes here now
         reporter.start_run(spec, i, total)
-        result = train_one(spec, datasets[spec.dataset], rdir, dev, context, reporter, lock, data_dir)
+        result = train_one(spec, datasets[spec.dataset], rdir, dev, context, reporter, lock, data_dir, options)
         reporter.end_run(result)
     finally:
         lock.release()
@@ -197,7 +200,8 @@ def _attempt(spec: RunSpec, i: int, total: int, store: Store, grid: str, dataset
 
 
 def train_one(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[str, Any],
-              reporter: PlainReporter, lock: RunLock, data_dir: Path | None = None):
+              reporter: PlainReporter, lock: RunLock, data_dir: Path | None = None,
+              options: TrainOptions = TrainOptions()):
     """One run in this process, or, for devices > 1, through torch.distributed.run (runners/ddp.py). Each
     finished epoch also goes to the run's TensorBoard log (runners/tblog.py) when TensorBoard is installed."""
     tb = RunLog(rdir, spec)
@@ -210,9 +214,9 @@ def train_one(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[
     try:
         if spec.devices > 1:
             from runners.ddp import launch_ddp_run
-            result = launch_ddp_run(spec, rdir, dev, context, on_epoch, data_dir)
+            result = launch_ddp_run(spec, rdir, dev, context, on_epoch, data_dir, options)
         else:
-            result = _train_here(spec, data, rdir, dev, context, reporter, on_epoch)
+            result = _train_here(spec, data, rdir, dev, context, reporter, on_epoch, options.checkpoint_seconds)
     except BaseException:
         tb.close()
         raise
@@ -221,7 +225,7 @@ def train_one(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[
 
 
 def _train_here(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[str, Any],
-                reporter: PlainReporter, on_epoch: Callable[[dict], None]):
+                reporter: PlainReporter, on_epoch: Callable[[dict], None], checkpoint_seconds: float):
 
     def on_step(i: int, n: int) -> None:
         fault_point("step", spec.run_id)
@@ -231,4 +235,4 @@ def _train_here(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dic
         reporter.say(f"  resuming at epoch {done + 1}: epochs 1-{done} restored from the run's checkpoint")
 
     return train_run(spec, data, rdir, dev, context=context, on_epoch=on_epoch, on_step=on_step,
-                     on_resume=on_resume)
+                     on_resume=on_resume, checkpoint_seconds=checkpoint_seconds)

@@ -3,7 +3,7 @@
 
 Both lean on the results store's run locks rather than on a scheduler of their own: K copies of `ablate run`
 on one grid already share its runs safely (each takes the next unlocked run), and a Ray task is the same
-lock-train-release step (runners.execute._attempt) run wherever Ray finds the run's resources. A worker that
+lock-train-release step (runners.execute.attempt_run) run wherever Ray finds the run's resources. A worker that
 dies leaves its run's last epoch checkpoint and a lock that goes stale; rerunning the command finishes the grid.
 Ray is an optional extra (`pip install -e '.[ray]'`), imported only here and only for `--executor ray`."""
 from __future__ import annotations
@@ -21,11 +21,11 @@ import torch
 
 from ablations.errors import UserError
 from ablations.spec import RunSpec
-from runners.ddp import ROOT, stop_with_parent
-from runners.execute import GridOutcome, _attempt, plan, write_grid_json
+from runners.ddp import stop_with_parent, worker_env, worker_pythonpath
+from runners.execute import GridOutcome, attempt_run, plan, write_grid_json
 from runners.progress import PlainReporter
 from runners.store import Store
-from runners.train import RunResult, pick_device
+from runners.train import RunResult, TrainOptions, pick_device
 
 RAY_MISSING = "the ray executor needs Ray: pip install -e '.[ray]'"
 EXIT_PRIORITY = (2, 1, 130, 143, 3, 75)  # which child exit code wins: bad input, crash, interrupt, failed, busy
@@ -34,10 +34,12 @@ EXIT_PRIORITY = (2, 1, 130, 143, 3, 75)  # which child exit code wins: bad input
 # ---------------------------------------------------------------- K local processes
 
 def job_command(grid: str, results: Path, budget: str, overrides: dict, seeds: list[int] | None,
-                data_dir: Path | None, device: str, wait_for_others: bool) -> list[str]:
+                data_dir: Path | None, device: str, wait_for_others: bool,
+                options: TrainOptions = TrainOptions()) -> list[str]:
     """The `ablate run` command line each job runs: the same grid and options, without --jobs."""
     cmd = [sys.executable, "-m", "runners.cli", "run", "--grid", grid, "--out", str(results), "--budget", budget,
-           "--device", device, "--plain", "--yes"]  # the parent already checked the cost
+           "--device", device, "--plain", "--yes",  # the parent already checked the cost
+           "--checkpoint-every", repr(options.checkpoint_seconds)]
     for key, value in overrides.items():
         cmd.append(f"{key}={json.dumps(value)}")  # JSON's numbers, strings, true/false and lists are TOML too
     if seeds is not None:  # a count when it means 0..n-1, else a list (a trailing comma: never a count)
@@ -51,15 +53,16 @@ def job_command(grid: str, results: Path, budget: str, overrides: dict, seeds: l
 
 def run_jobs(jobs: int, grid: str, results: Path, budget: str = "gpu", overrides: dict | None = None,
              seeds: list[int] | None = None, data_dir: Path | None = None, device: str = "auto",
-             wait_for_others: bool = True, say: Callable[[str], None] = print) -> int:
+             wait_for_others: bool = True, say: Callable[[str], None] = print,
+             options: TrainOptions = TrainOptions()) -> int:
     """Train a grid with `jobs` processes at once on this machine, each with cores // jobs threads.
     Their output is relayed line by line with a `[job k]` prefix. Returns the exit code that matters most."""
     plan(grid, budget, overrides, seeds)  # a bad grid or option: one error here instead of one per job
     Store(Path(results)).check_writable()
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    cmd = job_command(grid, Path(results), budget, overrides or {}, seeds, data_dir, device, wait_for_others)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    cmd = job_command(grid, Path(results), budget, overrides or {}, seeds, data_dir, device, wait_for_others,
+                      options)
+    env = worker_env(threads)
     say(f"grid {grid}: {jobs} jobs of {threads} thread(s) each")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                               preexec_fn=stop_with_parent if sys.platform == "linux" else None)
@@ -105,7 +108,7 @@ def ray_resources(spec: RunSpec, device_kind: str) -> dict[str, float]:
 
 
 def ray_train(spec_json: dict, i: int, total: int, results: str, data_dir: str | None, device_kind: str,
-              context: dict) -> dict[str, Any]:
+              context: dict, checkpoint_seconds: float) -> dict[str, Any]:
     """One Ray task: take the run's lock, train (or resume) it into the shared results folder, release.
     Returns {"state": done|trained|busy, "status", "stop_reason", "error"}."""
     import ray
@@ -119,8 +122,9 @@ def ray_train(spec_json: dict, i: int, total: int, results: str, data_dir: str |
     outcome = GridOutcome(spec.grid, total)
     data = load_dataset(spec.dataset, Path(data_dir) if data_dir else None)
     reporter = _RecordingReporter()
-    state = _attempt(spec, i, total, store, spec.grid, {spec.dataset: data}, pick_device(device_kind), context,
-                     reporter, outcome, Path(data_dir) if data_dir else None)
+    state = attempt_run(spec, i, total, store, spec.grid, {spec.dataset: data}, pick_device(device_kind), context,
+                     reporter, outcome, Path(data_dir) if data_dir else None,
+                     TrainOptions(checkpoint_seconds=checkpoint_seconds))
     result = reporter.result
     return {"state": state, "status": result.status if result else "", "error": result.error if result else "",
             "stop_reason": result.stop_reason if result else ""}
@@ -139,7 +143,8 @@ class _RecordingReporter(PlainReporter):
 def run_grid_ray(grid_name: str, results: Path, budget: str = "gpu", overrides: dict | None = None,
                  seeds: list[int] | None = None, data_dir: Path | None = None, device: str = "auto",
                  reporter: PlainReporter | None = None, address: str | None = None, command: str | None = None,
-                 wait_for_others: bool = True, poll_s: float = 2.0) -> GridOutcome:
+                 wait_for_others: bool = True, poll_s: float = 2.0,
+                 options: TrainOptions = TrainOptions()) -> GridOutcome:
     """Every pending run of a grid as a Ray task asking for the run's resources, on the cluster at `address`
     or on a local Ray instance. The results folder must be shared by every node (same path); each node needs
     the package installed and the data cache (--data-dir, $ABLATE_DATA or the default)."""
@@ -157,8 +162,8 @@ def run_grid_ray(grid_name: str, results: Path, budget: str = "gpu", overrides: 
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # a local instance; its workers must find this package even when it is not installed
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        ray.init(include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
     try:
         kind = _device_kind(device, ray.cluster_resources())
         _check_fits(specs, kind, ray.nodes())
@@ -169,7 +174,7 @@ def run_grid_ray(grid_name: str, results: Path, budget: str = "gpu", overrides: 
 
         def submit(i: int, spec: RunSpec):
             return task.options(**ray_resources(spec, kind), name=f"ablate-{spec.run_id}").remote(
-                spec.to_json(), i, len(specs), str(store.root), data_arg, kind, context)
+                spec.to_json(), i, len(specs), str(store.root), data_arg, kind, context, options.checkpoint_seconds)
 
         running = {submit(i, s): (i, s) for i, s in enumerate(specs, 1) if not store.is_done(grid.name, s.run_id)}
         outcome.skipped = [s.run_id for s in specs if store.is_done(grid.name, s.run_id)]

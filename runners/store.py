@@ -26,10 +26,10 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 import torch
 
+from ablations.choices import FINISHED
 from ablations.errors import UserError
 from runners.faults import fault_point
 
-FINISHED = ("finished", "diverged")  # a run in one of these states is never trained again
 TMP_MARK = ".tmp"  # a write goes to .<name>.tmp<pid> first
 EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "clean_train_loss",
                  "clean_train_error", "predicted_classes", "test_loss", "test_error", "test_error_top5",

@@ -33,12 +33,11 @@ from runners.evaluate import EVAL_BATCH, Evaluation, autocast, evaluate, evaluat
 from runners.provenance import git_state, suite_version
 from runners.metrics import (CHANCE_LOSS, TRACE_POINTS, converged, end_of_run, learned, summarise,  # noqa: F401
                              target_time, trace_rows, trace_segments)
-from runners.store import EPOCH_COLUMNS, TRACE_COLUMNS, atomic_write_bytes, atomic_write_json, atomic_write_text, rows_csv, \
-    load_checkpoint, save_checkpoint
+from runners.store import (EPOCH_COLUMNS, TRACE_COLUMNS, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                           load_checkpoint, rows_csv, save_checkpoint)
 
 CLEAN_TRAIN_IMAGES = 2000  # the fixed training slice evaluated in eval mode each epoch (the fair gap, the chance guard)
 LRN_PROBE_IMAGES = 256  # clean training images through which the LRN activity diagnostic is measured
-CHECKPOINT_ENV = "ABLATE_CHECKPOINT_SECONDS"  # `ablate run --checkpoint-every` sets it for every worker process
 CHECKPOINT_SECONDS = 30.0
 COMPILED_INPUT_IMAGES = 1_000_000  # see compile_input
 DROPOUT_RANK_STRIDE = 7_777_777  # rank r > 0 of a data-parallel run seeds its dropout RNG with seed + this x r
@@ -83,24 +82,21 @@ def compile_input(spec: RunSpec, n_train: int, device: torch.device) -> bool:
     return device.type == "cpu" and spec.epochs * n_train >= COMPILED_INPUT_IMAGES
 
 
-def checkpoint_seconds() -> float:
-    """Seconds of training between checkpoints: after an epoch, one is written once this many have passed
-    since the last. A checkpoint of the CIFAR AlexNet (~15M weights and their momenta) is ~120 MB and
-    fsynced: after every few-second GPU epoch it would rival the epoch itself, and after each of a smoke
-    run's sub-second epochs it dominated the run loop's overhead. A kill loses at most this much plus one epoch, and the
-    resumed run is bit-identical whatever the interval. 0 writes one after every epoch."""
-    from ablations.errors import UserError
-    raw = os.environ.get(CHECKPOINT_ENV, "").strip()
-    if not raw:
-        return CHECKPOINT_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not (value >= 0 and math.isfinite(value)):
-        raise UserError(f"{CHECKPOINT_ENV}={raw!r} is not a number of seconds >= 0; unset it for the default "
-                        f"({CHECKPOINT_SECONDS:g}) or set 0 to checkpoint after every epoch")
-    return value
+@dataclass(frozen=True)
+class TrainOptions:
+    """How runs are trained, apart from what they are (RunSpec): set once at the CLI and passed as an argument
+    to every launcher and worker process, so no setting travels through the environment.
+
+    checkpoint_seconds: after an epoch, a checkpoint is written once this many seconds of training have passed
+    since the last (0: after every epoch). A checkpoint of the CIFAR AlexNet (~15M weights and their momenta)
+    is ~120 MB and fsynced: after every few-second GPU epoch it would rival the epoch itself. A kill loses at
+    most this much plus one epoch, and the resumed run is bit-identical whatever the interval.
+    nnodes, node_rank, rdzv: where the ranks of a multi-device run live (runners/ddp.py)."""
+
+    checkpoint_seconds: float = CHECKPOINT_SECONDS
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv: str = ""  # HOST:PORT on node 0; only for nnodes > 1
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -354,7 +350,8 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
               shard: tuple[int, int] = (0, 1), wrap: Callable | None = None,
               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
               gather: Callable[[dict], list[dict]] | None = None,
-              on_resume: Callable[[int], None] | None = None) -> RunResult:
+              on_resume: Callable[[int], None] | None = None,
+              checkpoint_seconds: float = CHECKPOINT_SECONDS) -> RunResult:
     """Train (or resume) one run into run_dir. Only rank 0 of a sharded run writes files.
 
     `wrap` wraps the model (DDP), `reduce` sums a device tensor over ranks, `gather` collects one object
@@ -412,7 +409,7 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
     # resumed after the epoch that ended the run (killed before its summary was written): train no further
     status, stop_reason, error = end_of_run(spec, rows, trace) if rows else ("finished", "epochs", "")
     cum = rows[-1]["cum_seconds"] if rows else 0.0
-    every, last_saved = checkpoint_seconds(), time.perf_counter()
+    every, last_saved = checkpoint_seconds, time.perf_counter()
     unsaved: dict | None = None  # the last finished epoch's state when no checkpoint was written after it
     try:
         for epoch in range(len(rows) + 1, spec.epochs + 1 if stop_reason == "epochs" else 0):

@@ -142,9 +142,9 @@ def _small_spec(epochs: int = 5):
                    lr=0.02, precision="fp32", grid="ckpt")
 
 
-def _train_recording(spec, data, run_dir, stop_at: int = 0):
+def _train_recording(spec, data, run_dir, every: float, stop_at: int = 0):
     """train_run, noting after each epoch which epoch the checkpoint on disk holds (0: none); stop_at > 0 raises
-    KeyboardInterrupt (Ctrl-C) after that epoch."""
+    KeyboardInterrupt (Ctrl-C) after that epoch. `every`: the checkpoint interval in seconds."""
     from runners.store import load_checkpoint
     from runners.train import train_run
     held: list[int] = []
@@ -156,7 +156,7 @@ def _train_recording(spec, data, run_dir, stop_at: int = 0):
             raise KeyboardInterrupt
 
     try:
-        train_run(spec, data, run_dir, "cpu", on_epoch=on_epoch)
+        train_run(spec, data, run_dir, "cpu", on_epoch=on_epoch, checkpoint_seconds=every)
     except KeyboardInterrupt:
         pass
     return held
@@ -169,24 +169,21 @@ def test_checkpoints_wait_for_the_interval_and_a_sparse_one_still_resumes_bit_fo
     from runners.store import load_checkpoint
 
     data, spec = load_dataset("cifar10", data_dir), _small_spec()
-    monkeypatch.setenv("ABLATE_CHECKPOINT_SECONDS", "0")
-    assert _train_recording(spec, data, tmp_path / "every") == [1, 2, 3, 4, 5]
+    assert _train_recording(spec, data, tmp_path / "every", 0) == [1, 2, 3, 4, 5]
     ref = torch.load(tmp_path / "every" / "model.pt", weights_only=True)
 
-    monkeypatch.setenv("ABLATE_CHECKPOINT_SECONDS", "1e9")
-    assert _train_recording(spec, data, tmp_path / "never") == [0, 0, 0, 0, 0]
+    assert _train_recording(spec, data, tmp_path / "never", 1e9) == [0, 0, 0, 0, 0]
     assert not list((tmp_path / "never").glob("checkpoint*"))
 
     # the loop reads the clock 3 times per epoch (start, end, checkpoint check): 3 s per epoch on this clock,
     # so a 5 s interval checkpoints after epochs 2 and 4
     monkeypatch.setattr(train, "time", _Clock(1.0))
-    monkeypatch.setenv("ABLATE_CHECKPOINT_SECONDS", "5")
-    assert _train_recording(spec, data, tmp_path / "sparse", stop_at=3) == [0, 2, 2]
+    assert _train_recording(spec, data, tmp_path / "sparse", 5, stop_at=3) == [0, 2, 2]
     # Ctrl-C after epoch 3 writes epoch 3's state, kept in memory since no checkpoint followed it
     assert len(load_checkpoint(tmp_path / "sparse" / "checkpoint.pt")["rows"]) == 3
     (tmp_path / "sparse" / "checkpoint.pt").unlink()  # as if killed -9 instead: back to epoch 2's checkpoint
     # resumes from checkpoint.prev.pt (epoch 2), retrains epoch 3 and checkpoints again after epoch 4
-    assert _train_recording(spec, data, tmp_path / "sparse") == [0, 4, 4]
+    assert _train_recording(spec, data, tmp_path / "sparse", 5) == [0, 4, 4]
     summary = json.loads((tmp_path / "sparse" / "summary.json").read_text())
     assert [r["epoch"] for r in summary["epochs"]] == [1, 2, 3, 4, 5]
     got = torch.load(tmp_path / "sparse" / "model.pt", weights_only=True)
@@ -194,9 +191,12 @@ def test_checkpoints_wait_for_the_interval_and_a_sparse_one_still_resumes_bit_fo
 
 
 def test_checkpoint_interval_default_and_bad_values(tmp_path, data_dir, monkeypatch):
-    from runners.train import CHECKPOINT_SECONDS, checkpoint_seconds
+    import inspect
+
+    from runners.train import CHECKPOINT_SECONDS, TrainOptions, train_run
     monkeypatch.delenv("ABLATE_CHECKPOINT_SECONDS")
-    assert checkpoint_seconds() == CHECKPOINT_SECONDS == 30.0
+    assert inspect.signature(train_run).parameters["checkpoint_seconds"].default == CHECKPOINT_SECONDS == 30.0
+    assert TrainOptions().checkpoint_seconds == CHECKPOINT_SECONDS
     for bad in ("soon", "-1", "nan"):
         monkeypatch.setenv("ABLATE_CHECKPOINT_SECONDS", bad)
         result = CliRunner().invoke(main, _args(tmp_path, data_dir, "--seeds", "1"))
@@ -261,7 +261,7 @@ def test_a_run_with_the_compiled_input_pipeline_trains_the_same_weights(tmp_path
     assert len(compiled_calls) == 4 and augment._COMPILE["ok"], "2 full batches x 2 epochs went through it"
 
 
-def test_a_failed_run_keeps_its_last_finished_epoch_even_between_checkpoints(tmp_path, data_dir, monkeypatch):
+def test_a_failed_run_keeps_its_last_finished_epoch_even_between_checkpoints(tmp_path, data_dir):
     """An error mid-run (a lost DDP rank, say) records the run as failed and writes the last finished epoch's
     state, held in memory since no checkpoint was due; the rerun resumes there and ends bit for bit the same."""
     from runners.data import load_dataset
@@ -269,17 +269,16 @@ def test_a_failed_run_keeps_its_last_finished_epoch_even_between_checkpoints(tmp
     from runners.train import train_run
 
     data, spec = load_dataset("cifar10", data_dir), _small_spec(epochs=4)
-    monkeypatch.setenv("ABLATE_CHECKPOINT_SECONDS", "1e9")
-    train_run(spec, data, tmp_path / "ref", "cpu")
+    train_run(spec, data, tmp_path / "ref", "cpu", checkpoint_seconds=1e9)
 
     def fail_after_2(row):
         if row["epoch"] == 2:
             raise RuntimeError("rank 1 lost")
 
-    failed = train_run(spec, data, tmp_path / "run", "cpu", on_epoch=fail_after_2)
+    failed = train_run(spec, data, tmp_path / "run", "cpu", on_epoch=fail_after_2, checkpoint_seconds=1e9)
     assert failed.status == "failed" and "rank 1 lost" in failed.error
     assert len(load_checkpoint(tmp_path / "run" / "checkpoint.pt")["rows"]) == 2
-    resumed = train_run(spec, data, tmp_path / "run", "cpu", on_epoch=lambda row: None)
+    resumed = train_run(spec, data, tmp_path / "run", "cpu", on_epoch=lambda row: None, checkpoint_seconds=1e9)
     assert resumed.status == "finished" and [r["epoch"] for r in resumed.rows] == [1, 2, 3, 4]
     a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("ref", "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -18,10 +18,10 @@ from ablations.spec import RunSpec
 from runners.cli import main
 from runners.data import load_dataset
 from runners.ddp import Nodes, launch_ddp_run, torchrun_command
-from runners.execute import GridOutcome, _attempt
+from runners.execute import GridOutcome, attempt_run
 from runners.progress import PlainReporter
 from runners.store import Store
-from runners.train import train_run
+from runners.train import TrainOptions, train_run
 
 CPU = torch.device("cpu")
 TIMING = ["epoch_seconds", "images_per_second", "cum_seconds", "wall_seconds", "train_seconds", "threads", "host"]
@@ -96,14 +96,17 @@ def test_a_killed_rank_fails_the_run_cleanly_and_it_resumes(tmp_path, data_dir, 
     datasets = {"cifar10": load_dataset("cifar10", data_dir)}
     outcome = GridOutcome(spec.grid, 1)
     start = time.perf_counter()
-    state = _attempt(spec, 1, 1, store, spec.grid, datasets, CPU, {}, _KillRankAfterEpoch1(rdir), outcome, data_dir)
+    every_epoch = TrainOptions(checkpoint_seconds=0)
+    state = attempt_run(spec, 1, 1, store, spec.grid, datasets, CPU, {}, _KillRankAfterEpoch1(rdir), outcome,
+                        data_dir, every_epoch)
     assert state == "trained" and outcome.failed == [spec.run_id]
     assert time.perf_counter() - start < 90  # no hang: torchrun and the process-group timeout end the other rank
     assert (rdir / "checkpoint.pt").exists() and not store.is_done(spec.grid, spec.run_id)
     assert not (rdir / "run.lock").exists()  # released
 
     outcome = GridOutcome(spec.grid, 1)
-    assert _attempt(spec, 1, 1, store, spec.grid, datasets, CPU, {}, PlainReporter(), outcome, data_dir) == "trained"
+    assert attempt_run(spec, 1, 1, store, spec.grid, datasets, CPU, {}, PlainReporter(), outcome, data_dir,
+                       every_epoch) == "trained"
     assert not outcome.failed and store.is_done(spec.grid, spec.run_id)
     root, _, two, _ = reference
     resumed = pd.read_csv(rdir / "epochs.csv")

@@ -22,4 +22,13 @@ from runners.bench.workloads import (CONVNET4, CSV_COLUMNS, LOOP_BARE, LOOP_BARE
                                      train_workload)
 from runners.train import device_name, pick_device
 
-__all__ = [n for n in dir() if not n.startswith("_") and n not in {"baseline", "harness", "suite", "workloads"}]
+__all__ = ["BenchConfig", "BenchResult", "CONVNET4", "CSV_COLUMNS", "CaseVerdict", "DeviceSet", "GATE_CASES",
+           "GATE_TOLERANCE", "GATE_UNIT", "GateCase", "GateMeasurement", "LOOP_BARE", "LOOP_BARE_EVAL", "LOOP_RUN",
+           "SEED_ALEXNET", "SUITE_ALEXNET", "TRAIN_AUGMENT", "Target", "Verdict", "Workload", "achieved_flops",
+           "bench_table", "best_of", "calibrate", "check_targets", "compare_to_baseline", "conv_pass_workloads",
+           "default_baseline", "device_name", "efficiency", "eval_workload", "forward_flops_per_image",
+           "gate_cases_for", "gemm_workload", "kernel_bound", "load_baseline", "loop_workloads", "measure_gate",
+           "median", "model_label", "normalised", "overhead", "pick_device", "pipeline_calls", "pipeline_workload",
+           "processor_key", "ratio", "read_results", "reference_flops_per_image", "run_bench", "summarise",
+           "target_lines", "time_interleaved", "timed", "train_calls", "train_workload", "units_per_call",
+           "update_baseline", "using_threads", "verdict", "write_results"]

@@ -4,11 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pandas as pd
 from click.testing import CliRunner

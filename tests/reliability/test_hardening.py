@@ -3,8 +3,6 @@ holder or be taken twice, every bad number is refused with one line."""
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
