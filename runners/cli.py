@@ -539,6 +539,9 @@ def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int, 
 @click.option("--case", "cases", multiple=True, metavar="NAME",
               help="With --against: only this case (repeatable; default: all, see `ablate bench --list-cases`).")
 @click.option("--list-cases", is_flag=True, help="Print the --against gate's cases and exit.")
+@click.option("--pairs", type=click.IntRange(min=6), default=16, show_default=True,
+              help="With --against: head/base pairs of processes per check; fixed in advance (the interval "
+                   "narrows with the square root of the pairs, the check's time grows with them).")
 @click.option("--inject-slowdown", type=click.FloatRange(0, 1), default=0.0, metavar="FRACTION",
               help="With --against: make this tree's measurements slower by FRACTION (a busy-wait after each "
                    "timed call), to show what the gate catches.")
@@ -549,7 +552,8 @@ def report_cmd(grids: tuple[str, ...], results: str, out: str | None, dpi: int, 
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
 def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, quick: bool, compile_: bool | None,
               threads: int | None, out: str, data_dir: str | None, baseline: str | None, rev: str | None,
-              tolerance: float | None, cases: tuple[str, ...], list_cases: bool, inject_slowdown: float,
+              tolerance: float | None, cases: tuple[str, ...], list_cases: bool, pairs: int,
+              inject_slowdown: float,
               update_baseline: bool, saved: str | None, as_json: bool) -> None:
     """Training throughput of the seed chapter's reference and the suite side by side, the data pipeline, the
     run loop's overhead and the machine's GEMM ceilings, measured interleaved in one process; or, with
@@ -569,7 +573,7 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
         click.echo("\n".join(paired.CASES))
         return
     if rev:
-        _bench_against(rev, tolerance, cases, inject_slowdown, as_json, console)
+        _bench_against(rev, tolerance, cases, pairs, inject_slowdown, as_json, console)
         return
     if update_baseline:
         path = Path(out) / bench.default_baseline("cpu").name
@@ -611,14 +615,14 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
     click.echo(f"results written to {path} (and {latest.name})")
 
 
-def _bench_against(rev: str, tolerance: float | None, cases: tuple[str, ...], inject: float, as_json: bool,
-                   console) -> None:
+def _bench_against(rev: str, tolerance: float | None, cases: tuple[str, ...], pairs: int, inject: float,
+                   as_json: bool, console) -> None:
     import dataclasses
 
     from runners.bench import paired
 
     cfg = paired.PairedConfig(rev=rev, tolerance=paired.TOLERANCE if tolerance is None else tolerance,
-                              cases=tuple(cases) or paired.CASES, stall=inject)
+                              cases=tuple(cases) or paired.CASES, pairs=pairs, stall=inject)
     result = paired.against(cfg, say=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     if as_json:
         click.echo(json.dumps({**dataclasses.asdict(result), "verdict": result.verdict}, indent=2))

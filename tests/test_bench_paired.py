@@ -71,7 +71,7 @@ def test_compare_trees_on_simulated_timings(tmp_path, monkeypatch, slowdown, noi
     # seed 1: under noise this large a false "slower" happens (about 6% of seeds, as a 95% one-sided rule on two
     # cases allows); this test is about the common outcome
     monkeypatch.setattr(paired, "run_worker", simulated(slowdown, noise, seed=1))
-    cfg = paired.PairedConfig(cases=("train convnet4 bf16", "pipeline none"), concurrent=False)
+    cfg = paired.PairedConfig(cases=("train convnet4 bf16", "pipeline none"), concurrent=False, calls=2)
     r = paired.compare_trees(cfg, tmp_path / "head", tmp_path / "base", say=lambda _: None)
     assert r.verdict == expected and r.exit_code == exit_code
     assert {len(c.ratios) for c in r.cases} == {cfg.pairs}, "the number of pairs is fixed in advance"

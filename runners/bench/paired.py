@@ -52,8 +52,9 @@ class PairedConfig:
     pairs: int = 16  # fixed in advance: deciding after every pair would inflate the false alarms
     concurrent: bool | None = None  # head and base side by side (None: when the machine has 2 x threads cores)
     call_seconds: float = 0.06  # work per timed call, sized once by a calibration process
-    calls: int = 2  # timed calls per case per process, which reads their median (the spread between processes,
-    # 2-8 % here, dwarfs that within one, 0.5-3 %: more processes tighten the interval, more calls do not)
+    calls: int = 3  # timed calls per case per process, which reads their median: mostly the spread between
+    # processes limits the interval, but the 10-crop evaluation also varies from call to call, and its first
+    # call after the warm-up runs slow; a median of three drops that call
     threads: int = 1  # one thread: steadier than two on a shared 2-core machine
     stall: float = 0.0  # inject a slowdown of this fraction into head (busy-wait after each timed call)
 
