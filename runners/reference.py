@@ -8,6 +8,7 @@ torchvision dataset class, PIL transforms and DataLoader settings (batch 128, sh
 """
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 from pathlib import Path
@@ -83,7 +84,7 @@ class ExportedCIFAR10(torchvision.datasets.CIFAR10):
         return True
 
 
-class _Py2Pickler(pickle._Pickler):
+class Py2Pickler(pickle._Pickler):
     """Pickles as Python 2's cPickle wrote the official files: protocol 2, every str and bytes a BINSTRING (so keys
     load as str under torchvision's encoding="latin1" and as bytes under encoding="bytes"), numpy arrays rebuilt
     by numpy.core.multiarray._reconstruct."""
@@ -109,6 +110,13 @@ class _Py2Pickler(pickle._Pickler):
             super().save_global(obj, name)
 
 
+def py2_pickle(obj) -> bytes:
+    """`obj` pickled as the official CIFAR files are (Py2Pickler); the test fixtures write with it too."""
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
 def export_cifar10(data: CifarData, root: Path) -> Path:
     """Write `data` as `root/cifar-10-batches-py/` in the official python-version format: the training set in
     five batches (10,000 images each for the real set), the test batch and `batches.meta`. Returns root."""
@@ -118,7 +126,7 @@ def export_cifar10(data: CifarData, root: Path) -> Path:
 
     def dump(name: str, obj: dict) -> None:
         with open(folder / name, "wb") as f:
-            _Py2Pickler(f, protocol=2).dump(obj)
+            f.write(py2_pickle(obj))
 
     def batch(x: torch.Tensor, y: torch.Tensor, label: str) -> dict:
         rows = x.reshape(len(x), -1).numpy()  # (n, 3072) R, G, B planes of 32x32, row-major, as the official rows

@@ -7,8 +7,6 @@ way Python 2's cPickle wrote the real files), `write_image_folder` as `train/<cl
 from __future__ import annotations
 
 import io
-import pickle
-import struct
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -18,8 +16,7 @@ import numpy as np
 from PIL import Image
 
 from runners.data import DATASETS
-
-_RECONSTRUCT = np.ndarray.__reduce__(np.empty(0))[0]
+from runners.reference import py2_pickle
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,37 +55,6 @@ def generate(name: str = "cifar10", n_train: int = 30, n_test: int = 20, seed: i
 
 # ----------------------------------------------------------------------------------------------------------------
 # Official python-version format
-
-class _Py2Pickler(pickle._Pickler):
-    """What cPickle under Python 2 wrote: protocol 2, every string a BINSTRING (so keys load as bytes with
-    encoding="bytes", and no `_codecs.encode` global appears), arrays via numpy.core.multiarray._reconstruct."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_binstring(self, obj: bytes | str) -> None:
-        raw = obj.encode("latin-1") if isinstance(obj, str) else obj
-        if len(raw) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_binstring
-    dispatch[str] = save_binstring
-
-    def save_global(self, obj, name=None) -> None:
-        if obj is _RECONSTRUCT:
-            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
-            self.memoize(obj)
-        else:
-            super().save_global(obj, name)
-
-
-def py2_pickle(obj) -> bytes:
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    return buf.getvalue()
-
 
 def _batch(x: np.ndarray, y: np.ndarray, coarse: np.ndarray | None, label: str) -> dict:
     batch = {b"batch_label": label.encode(), b"filenames": [f"img_{i:05d}.png".encode() for i in range(len(y))],
