@@ -448,11 +448,11 @@ def _resolve(grid: str, settings: dict, labels: dict, overrides: dict, seed: int
         labels = {**labels, "lr": merged["lr"]}
     run_kw = {k: (float(v) if FIELDS[k] == "float" else v) for k, v in merged.items()}
     spec = RunSpec(model=model, grid=grid, axes=tuple(labels.items()), **run_kw)
-    _check_consistent(spec)
+    check_consistent(spec)
     return spec
 
 
-def _check_consistent(spec: RunSpec) -> None:
+def check_consistent(spec: RunSpec) -> None:
     validate(spec.model)
     if spec.batch_size % spec.devices:
         raise UserError(f"batch size {spec.batch_size} does not split over {spec.devices} devices; "

@@ -179,8 +179,8 @@ class BatchAugmenter:
             raise UserError(f"crop padding ({pad}) and PCA std ({pca_std}) must be >= 0")
         self.stats, self.preprocess, self.level, self.pad = stats.to(device), preprocess, level, pad
         self.pca_std, self.pca_scale, self.ops = pca_std, pca_scale, _LEVEL_OPS[level]
-        self.compiled, self._compiled_size = compiled, 0
-        self._stats = tuple(getattr(self.stats, f.name) for f in fields(self.stats))  # augment()'s argument
+        self.compiled, self.compiled_size = compiled, 0
+        self.stat_args = tuple(getattr(self.stats, f.name) for f in fields(self.stats))  # augment()'s argument
 
     def draw(self, b: int, gen: torch.Generator, device: torch.device):
         """A batch's random numbers, in the pipeline's order: PCA alphas (B, 3), crop offsets (2, B), flips (B,);
@@ -200,12 +200,12 @@ class BatchAugmenter:
         costs seconds once per process, so train_run turns it on for runs big enough to repay it. Only batches
         of the first compiled size use it (no recompiling for an epoch's shorter last batch); if compiling
         fails (no C++ compiler, say) it warns once and runs eagerly."""
-        args = (x, self._stats, self.preprocess, self.pad, self.pca_scale,
+        args = (x, self.stat_args, self.preprocess, self.pad, self.pca_scale,
                 *self.draw(len(x), gen, x.device), memory_format)
-        if self.compiled and x.device.type == "cpu" and _COMPILE["ok"] and self._compiled_size in (0, len(x)):
+        if self.compiled and x.device.type == "cpu" and _COMPILE["ok"] and self.compiled_size in (0, len(x)):
             try:
-                out = _compiled_augment()(*args)
-                self._compiled_size = len(x)
+                out = compiled_augment()(*args)
+                self.compiled_size = len(x)
                 return out
             except Exception as err:  # noqa: BLE001 - any compiler failure: the eager path gives the same numbers
                 _COMPILE["ok"] = False
@@ -277,7 +277,7 @@ _COMPILE = {"ok": True}  # False once compiling has failed in this process
 
 
 @functools.cache
-def _compiled_augment():
+def compiled_augment():
     # inductor's C++ toolchain probe looks for CUDA and logs "No CUDA runtime is found" on every CPU machine:
     # noise for a CPU kernel, so that one logger only reports errors
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

@@ -217,7 +217,7 @@ def _tar_stream(raw: BinaryIO, where: str) -> BinaryIO:
 # The official python-version files
 
 _RECONSTRUCT = np.ndarray.__reduce__(np.empty(0))[0]  # numpy's array-rebuild function, wherever it lives
-_PICKLE_GLOBALS = {
+PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,   # the name in the official files (numpy 1.x)
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # the name numpy >= 2 writes
     ("numpy", "ndarray"): np.ndarray,
@@ -225,20 +225,20 @@ _PICKLE_GLOBALS = {
 }
 
 
-class _ArrayUnpickler(pickle.Unpickler):
+class ArrayUnpickler(pickle.Unpickler):
     """The official files hold only dicts, lists, byte strings, ints and numpy arrays, so every global except the
     array-rebuild ones is refused: a pickle that asks for anything else is not a CIFAR file."""
 
     def find_class(self, module: str, name: str):
         try:
-            return _PICKLE_GLOBALS[(module, name)]
+            return PICKLE_GLOBALS[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR file never does") from None
 
 
 def _unpickle(data: bytes, where: str) -> dict:
     try:
-        obj = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
+        obj = ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as err:  # noqa: BLE001 - any failure (refused global, truncation, bad opcode) means the same
         raise UserError(f"{where} is not a valid CIFAR pickle ({err}); refusing it: re-download the official "
                         f"archive") from None

@@ -181,7 +181,7 @@ def test_the_eager_gather_pipeline_gives_the_op_by_op_numbers_bit_for_bit(images
     formats, on an odd batch whose draws include flipped and unflipped images and every crop offset."""
     aug = BatchAugmenter(stats, mode, level, pad=pad)
     x, g = images[:23], gen(30 + pad)
-    args = (x, aug._stats, mode, pad, PCA_SCALE, *aug.draw(len(x), g, x.device))
+    args = (x, aug.stat_args, mode, pad, PCA_SCALE, *aug.draw(len(x), g, x.device))
     for fmt in (torch.contiguous_format, torch.channels_last):
         got, want = augment(*args, fmt), compose_augment(*args, fmt)
         assert torch.equal(got, want) and got.is_contiguous(memory_format=fmt)
@@ -219,7 +219,7 @@ def test_compiled_pipeline_gives_the_eager_numbers_bit_for_bit(images, stats, mo
         a, b = fast(images[:n], g1, torch.channels_last), slow(images[:n], g2, torch.channels_last)
         assert torch.equal(a, b) and a.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(g1.get_state(), g2.get_state())
-    assert fast._compiled_size == 16
+    assert fast.compiled_size == 16
 
 
 def test_a_compiler_failure_warns_once_and_runs_eagerly(images, stats, monkeypatch, capsys):
@@ -229,7 +229,7 @@ def test_a_compiler_failure_warns_once_and_runs_eagerly(images, stats, monkeypat
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setitem(augment._COMPILE, "ok", True)
-    monkeypatch.setattr(augment, "_compiled_augment", lambda: broken)
+    monkeypatch.setattr(augment, "compiled_augment", lambda: broken)
     aug = BatchAugmenter(stats, "standard", "crop_flip", compiled=True)
     a, b = aug(images[:8], gen(3)), BatchAugmenter(stats, "standard", "crop_flip")(images[:8], gen(3))
     assert torch.equal(a, b) and not augment._COMPILE["ok"]

@@ -373,13 +373,13 @@ def test_pooling_before_a_piecewise_linear_activation_is_the_same_maths(activati
     spec = ModelSpec(width=0.25, activation=activation, pooling="overlap")
     torch.manual_seed(0)
     fast = build_model(spec)
-    names = list(fast.features._modules)
+    names = [n for n, _ in fast.features.named_children()]
     assert names.index("pool1") < names.index("act1") and names.index("pool5") < names.index("act5")
     paper = copy.deepcopy(fast)
     order = [n for n in names if not n.startswith("pool")]
     for i in (1, 2, 5):
         order.insert(order.index(f"act{i}") + 1, f"pool{i}")
-    paper.features = torch.nn.Sequential(OrderedDict((n, paper.features._modules[n]) for n in order))
+    paper.features = torch.nn.Sequential(OrderedDict((n, paper.features.get_submodule(n)) for n in order))
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     grads = []
     for net in (fast, paper):
@@ -389,8 +389,8 @@ def test_pooling_before_a_piecewise_linear_activation_is_the_same_maths(activati
         grads.append((out, [p.grad for p in net.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
-    lrn = [n for n in build_model(dataclasses.replace(spec, lrn=True)).features._modules]
+    lrn = [n for n, _ in build_model(dataclasses.replace(spec, lrn=True)).features.named_children()]
     assert lrn.index("act1") < lrn.index("lrn1") < lrn.index("pool1")  # LRN between: the paper's order stays
     for other in ("tanh", "leaky_relu", "gelu"):
-        names = [n for n in build_model(dataclasses.replace(spec, activation=other)).features._modules]
+        names = [n for n, _ in build_model(dataclasses.replace(spec, activation=other)).features.named_children()]
         assert names.index("act1") < names.index("pool1")

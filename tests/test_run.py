@@ -242,13 +242,13 @@ def test_a_run_with_the_compiled_input_pipeline_trains_the_same_weights(tmp_path
     from runners.data import load_dataset
 
     compiled_calls = []
-    real = augment._compiled_augment
+    real = augment.compiled_augment
 
     def counted():
         fn = real()
         return lambda *args: compiled_calls.append(1) or fn(*args)
 
-    monkeypatch.setattr(augment, "_compiled_augment", counted)
+    monkeypatch.setattr(augment, "compiled_augment", counted)
     data = load_dataset("cifar10", data_dir)
     spec = dataclasses.replace(_small_spec(epochs=2), subset=160)
     weights = []

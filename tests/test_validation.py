@@ -72,9 +72,9 @@ def test_the_plateau_schedule_steps_on_validation_error(tmp_path, data):
 
 
 def test_a_plateau_schedule_without_a_validation_split_is_refused():
-    from ablations.grid import _check_consistent
+    from ablations.grid import check_consistent
     with pytest.raises(UserError, match="val_size"):
-        _check_consistent(_spec(val_size=0))
+        check_consistent(_spec(val_size=0))
 
 
 def test_the_fair_gap_ignores_what_dropout_does_to_the_training_batches(data):
