@@ -437,6 +437,14 @@ def confirmation_count(grid: Grid, budget: str = "gpu", seeds: list[int] | None 
     return cells * len(seeds)
 
 
+def defined_run_ids(grid: Grid, budget: str, overrides: dict[str, Any] | None, seeds: list[int]) -> set[str]:
+    """The ids of every run the grid file, as it stands, defines at this budget and these overrides for these
+    seeds (a tuned grid: at every tune value). The report reads exactly these runs, so runs of a budget whose
+    definition has since changed share the folder but never a cell with the runs that answer the question."""
+    untuned = dataclasses.replace(grid, tune=None)
+    return {s.run_id for s in expand(untuned, budget=budget, overrides=overrides, seeds=seeds)}
+
+
 def _resolve(grid: str, settings: dict, labels: dict, overrides: dict, seed: int) -> RunSpec:
     merged = {**settings, **{k: v for k, v in labels.items() if k in FIELDS}, **overrides, "seed": seed}
     lr_scale = merged.pop("lr_scale", 1.0)

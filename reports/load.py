@@ -18,6 +18,8 @@ import pandas as pd
 
 from ablations.choices import FINISHED
 from ablations.errors import UserError
+from ablations.grid import defined_run_ids
+from ablations.grid import load_grid as load_grid_file
 
 RUN_KEYS = ["run_id", "status", "seed"]
 EPOCH_KEYS = ["run_id", "epoch", "train_error", "test_error"]
@@ -98,7 +100,7 @@ def load_grid(results_dir: Path, name: str) -> GridResults:
     runs = _read_csv(gdir / "runs.csv", [*RUN_KEYS, *[a for a in meta.get("axes", [])]], rerun)
     epochs = _read_csv(gdir / "epochs.csv", EPOCH_KEYS, rerun)
     _check_against_run_folders(gdir, runs, epochs, run_folders, rerun)
-    runs, notes = _current_settings(runs, meta)
+    runs, notes = _current_settings(gdir, runs, meta)
     runs = derive_metrics(runs, meta)
     epochs = epochs[epochs.run_id.isin(runs.run_id)]
     return GridResults(name, gdir, meta, runs.reset_index(drop=True), epochs.reset_index(drop=True), tuple(notes),
@@ -176,22 +178,33 @@ def _read_csv(path: Path, required: list[str], rerun: str) -> pd.DataFrame:
     return df
 
 
-def _current_settings(runs: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, list[str]]:
-    """Keep the runs made with the settings of the latest `ablate run` (budget, data set, epoch cap, overrides).
+def _current_settings(gdir: Path, runs: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, list[str]]:
+    """Keep the runs that the grid file, as it stands, defines at the recorded budget and overrides (any seed):
+    the committed evidence answers the grid as written, whichever command ran last.
 
-    Runs of other budgets or overrides share the folder but not the question; mixing them would average, say,
-    10-epoch and 90-epoch runs into one cell."""
+    Runs of other budgets, overrides or an earlier definition of the budget share the folder but not the question;
+    mixing them would average, say, 10-epoch and 40-epoch runs into one cell. A run is judged by its id (the hash
+    of its spec.json); one without a spec.json, or a grid whose file no longer loads, by the recorded budget,
+    data set and overrides."""
     want = {k: meta[k] for k in SETTING_KEYS if meta.get(k) is not None}
     want.update({k: v for k, v in (meta.get("overrides") or {}).items() if k not in want})
+    settings = ", ".join(f"{k}={v}" for k, v in want.items())
     keep = pd.Series(True, index=runs.index)
     for key, value in want.items():
         if key in runs.columns:  # the runner writes a zero setting (subset = 0: all images) as empty
             keep &= runs[key].map(lambda v: canon(v) or "0") == (canon(value) or "0")
+    has_spec = runs.run_id.map(lambda rid: (gdir / "runs" / str(rid) / "spec.json").is_file())
+    try:
+        seeds = sorted({int(s) for s in pd.to_numeric(runs["seed"], errors="coerce").dropna()})
+        ids = defined_run_ids(load_grid_file(gdir.name), meta.get("budget") or "gpu", meta.get("overrides") or {},
+                              seeds)
+        keep = keep & ~has_spec | runs.run_id.astype(str).isin(ids)
+    except UserError:
+        pass
     dropped = runs[~keep]
     if not len(dropped):
         return runs, []
-    settings = ", ".join(f"{k}={v}" for k, v in want.items())
-    return runs[keep], [f"{len(dropped)} runs made with other settings than the latest command ({settings}) "
+    return runs[keep], [f"{len(dropped)} runs made with other settings than the grid file defines at {settings} "
                         f"are left out"]
 
 

@@ -578,3 +578,28 @@ def test_machine_time_counts_each_run_by_its_share_of_the_cores():
     # two at a time on 2 cores count half; one on both cores counts whole; a failed run is not part of the results
     assert machine_seconds(runs) == pytest.approx(50 + 100 + 30 + 30)
     assert machine_seconds(runs.iloc[:0]) == 0.0
+
+
+# ---------------------------------------------------------------- which runs a report reads
+
+def test_defined_run_ids_are_the_grid_files_runs_at_every_tune_value():
+    from ablations.grid import defined_run_ids, expand
+    from ablations.grid import load_grid as load_grid_file
+    relu = load_grid_file("relu_vs_tanh")
+    ids = defined_run_ids(relu, "cpu", {}, [0, 1, 2, 10, 11, 12])
+    selection = expand(relu, "cpu", {}, chooser=None)  # the sweep on the selection seeds
+    assert {s.run_id for s in selection} <= ids
+    chosen = expand(relu, "cpu", {}, chooser=lambda specs: dict(specs[-1].axes)["lr_scale"])  # any tune value
+    assert {s.run_id for s in chosen} <= ids
+    assert not {s.run_id for s in expand(relu, "cpu", {"epochs": 7}, chooser=None)} & ids, "another cap"
+
+
+def test_a_run_the_grid_file_no_longer_defines_is_left_out(tmp_path):
+    write_grid(tmp_path, "lrn", [{"lrn": v, "seed": s} for v in (False, True) for s in (0, 1)], [LRN_CLAIM],
+               budget="cpu")
+    for i in range(4):  # run folders as the store keeps them; only the first has a spec, an old budget's
+        (tmp_path / "lrn" / "runs" / f"lrn{i:04d}").mkdir(parents=True)
+    (tmp_path / "lrn" / "runs" / "lrn0000" / "spec.json").write_text("{}")
+    grid = load_grid(tmp_path, "lrn")
+    assert "lrn0000" not in set(grid.runs.run_id) and len(grid.runs) == 3
+    assert any("1 runs made with other settings than the grid file defines" in n for n in grid.notes)
