@@ -14,67 +14,15 @@ from typing import Any
 
 import pandas as pd
 
-import numpy as np
 
 from ablations.choices import FINISHED
+from ablations.claims import Claim, claim_from_table
 from ablations.tune import pick, position
 from reports.load import GridResults, canon
-from reports.stats import Interval, clip, compare, detectable, seeds_needed
+from reports.stats import Interval, clip, compare
+from reports.verdicts import NO_DATA, decide, fmt, metric_range, power, regime_check, side_name
 
-ERROR_METRICS = {"train_error", "test_error", "test_error_top5", "test_error_at_best_val", "gap", "val_error",
-                 "clean_train_error"}
 TIE_BREAK = "train_error"  # among tune values with equal mean metric (e.g. all censored), the one that got closer
-THROUGHPUT_METRICS = {"images_per_second"}  # a speed needs no learning: the chance guard leaves these alone
-OVERFIT_POINTS = 15.0  # an over-fitting claim needs the unregularised arm's fair gap (test - clean train) >= this
-
-# The verdict vocabulary: every verdict starts with one of these, followed by a one-line reason.
-REPRODUCED = "reproduced"
-SMALLER = "same direction, smaller"
-LARGER = "same direction, larger"
-NO_EFFECT = "no effect"
-OPPOSITE = "opposite"
-INCONCLUSIVE = "inconclusive"
-NOT_TESTABLE = "not testable at this budget"
-MEASURED = "measured"  # a line whose paper gives no number: the direction is stated
-NO_DATA = "no data"
-EQUIVALENT = NO_EFFECT  # an equivalence claim (a margin, no paper number) that holds
-NOT_EQUIVALENT = "differs by the margin or more"
-VERDICTS = (REPRODUCED, SMALLER, LARGER, NO_EFFECT, OPPOSITE, INCONCLUSIVE, NOT_TESTABLE, MEASURED, NO_DATA,
-            NOT_EQUIVALENT)
-
-
-@dataclass(frozen=True)
-class Claim:
-    id: str
-    paper_claim: str
-    title: str
-    metric: str
-    axis: str
-    a: Any
-    b: Any
-    effect: str  # "ratio" | "difference"
-    paper: float | None = None  # in the claim's convention: positive = the paper's direction
-    tune: str | None = None
-    fixed: tuple[tuple[str, Any], ...] = ()
-    tune_metric: str | None = None  # the metric that picks the tune value (default: metric)
-    per: float = 1.0  # the effect is divided by this (scaling efficiency = speed-up / N)
-    secondary: bool = False  # a line the report adds under a declared claim
-    margin: float | None = None  # an equivalence claim: |a - b| < margin, in the claim's units (points)
-    regime: str = "learning"  # "overfitting": only testable where the unregularised side a over-fits
-
-    @property
-    def reference(self) -> float:
-        return 1.0 if self.effect == "ratio" else 0.0
-
-    @property
-    def scale(self) -> float:
-        return 100.0 if self.effect == "difference" and self.metric in ERROR_METRICS else 1.0
-
-    @property
-    def unit(self) -> str:
-        if self.effect == "ratio":
-            return "%" if self.per != 1 else "x"
-        return " pts" if self.scale == 100 else ""
 
 
 @dataclass(frozen=True)
@@ -165,23 +113,6 @@ class ClaimResult:
                 "runs_a": " ".join(self.runs_a), "runs_b": " ".join(self.runs_b)}
 
 
-def fmt(x: float, claim: Claim, unit: bool = True) -> str:
-    if x is None or math.isnan(x):
-        return "-"
-    u = claim.unit if unit else ""
-    if claim.unit == "%":
-        return f"{100 * x:.0f}{u}"
-    if claim.effect == "ratio":
-        return f"{x:.2f}{u}"
-    return f"{x:+.2f}{u}" if claim.scale == 100 else f"{x:+.3g}{u}"
-
-
-def side_name(claim: Claim, value: Any) -> str:
-    """'tanh' for a named value, 'lrn=True' or 'devices=2' for a bare number or switch."""
-    text = canon(value)
-    return text if isinstance(value, str) and text == value else f"{claim.axis}={text}"
-
-
 # ---------------------------------------------------------------- claims of a grid
 
 def claims_of(grid: GridResults) -> list[Claim]:
@@ -193,10 +124,7 @@ def claims_of(grid: GridResults) -> list[Claim]:
     cifar100 = "cifar100" in grid.label("dataset")
     out = []
     for c in raw:
-        claim = Claim(id=c["id"], paper_claim=c.get("paper_claim") or c["id"], title=c.get("title") or c["id"],
-                      metric=c["metric"], axis=c["axis"], a=c["a"], b=c["b"], effect=c["effect"],
-                      paper=c.get("paper"), tune=c.get("tune"), fixed=tuple(sorted((c.get("fixed") or {}).items())),
-                      margin=c.get("margin"), regime=c.get("regime") or "learning")
+        claim = claim_from_table(c)
         out.append(claim)
         key = (claim.axis, canon(claim.a), canon(claim.b))
         if claim.metric == "epochs_to_target":
@@ -383,73 +311,6 @@ def _evaluate_row(grid: GridResults, claim: Claim, rows: pd.DataFrame,
                        regime=regime, selection=selection)
 
 
-def metric_range(claim: Claim) -> tuple[float, float]:
-    """Where the claim's effect can lie: error differences in [-100, 100] points, ratios in (0, inf)."""
-    if claim.effect == "difference" and claim.metric in ERROR_METRICS:
-        return -100.0 * (2 if claim.metric == "gap" else 1), 100.0 * (2 if claim.metric == "gap" else 1)
-    if claim.effect == "ratio":
-        return 0.0, math.inf
-    return -math.inf, math.inf
-
-
-def power(a, b, claim: Claim, paired: bool) -> tuple[float, int | None]:
-    """The minimum detectable effect at the measured seed spread (80% power) in the claim's units, and the seed
-    pairs that would resolve the paper's effect (None without a paper number or a spread)."""
-    if not paired or len(a) < 2:
-        return math.nan, None
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if claim.effect == "ratio":
-        if (a <= 0).any() or (b <= 0).any():
-            return math.nan, None
-        d, target = np.log(a / b), math.log(claim.paper) if claim.paper else math.nan
-        mde = detectable(float(d.std(ddof=1)), len(d))
-        return (math.exp(mde) if math.isfinite(mde) else math.nan), seeds_needed(float(d.std(ddof=1)), target)
-    d = a - b
-    target = claim.margin if claim.margin is not None else (claim.paper if claim.paper is not None else math.nan)
-    return detectable(float(d.std(ddof=1)), len(d)), seeds_needed(float(d.std(ddof=1)), target)
-
-
-def regime_check(claim: Claim, used: dict[str, pd.DataFrame], cens: dict[str, int], cap: float) -> tuple[str, str]:
-    """(the regime in words, why the claim is not testable here or ""). Every claim needs nets that learned (a
-    run at chance measures nothing); an over-fitting claim needs side a, the unregularised arm, to over-fit
-    (fair gap >= OVERFIT_POINTS) and every run to have converged."""
-    both = pd.concat([used["a"], used["b"]])
-    legacy = both.val_fingerprint.isna() if "val_fingerprint" in both else pd.Series(True, index=both.index)
-    if legacy.any() and claim.metric not in THROUGHPUT_METRICS:
-        return ("unknown: an earlier recipe",
-                f"{int(legacy.sum())} of {len(both)} runs predate the validation split and the paper-recipe "
-                f"switches; rerun the grid")
-    if claim.metric not in THROUGHPUT_METRICS and "learned" in both:
-        flat = both.learned.map(lambda v: str(v).strip().lower() in ("false", "0", "0.0"))
-        if flat.any():
-            return ("not reached: nets at chance",
-                    f"{int(flat.sum())} of {len(both)} runs did not learn (final training loss at chance or a "
-                    f"single predicted class), so any difference is between nets that predict nothing")
-    if claim.regime != "overfitting":
-        if claim.metric.startswith(("epochs_to", "seconds_to")):
-            n = sum(cens.values())
-            return ("reached: every run crossed the target" if not n else
-                    f"not reached: {n} of {len(both)} runs never crossed the target"), ""
-        return "learning (no regime condition)", ""
-    side_a = used["a"]
-    if "clean_train_error" not in side_a or side_a.clean_train_error.isna().all():
-        return "unknown", ("no clean (eval-mode) training error was recorded for these runs, so over-fitting "
-                           "cannot be measured fairly; rerun the grid")
-    gap = 100 * float((side_a.test_error - side_a.clean_train_error).mean())
-    converged = both.converged.map(lambda v: str(v).strip().lower() in ("true", "1", "1.0")) \
-        if "converged" in both else pd.Series(False, index=both.index)
-    words = f"unregularised gap {gap:.1f} points (needs >= {OVERFIT_POINTS:g}); {int(converged.sum())} of " \
-            f"{len(both)} runs converged"
-    if gap < OVERFIT_POINTS:
-        return f"not reached: {words}", (f"{side_name(claim, claim.a)} does not over-fit here (test error "
-                                         f"{gap:.1f} points above its clean training error, fewer than "
-                                         f"{OVERFIT_POINTS:g}): a regulariser has nothing to cure")
-    if not converged.all():
-        return f"not reached: {words}", (f"{int((~converged).sum())} of {len(both)} runs had not converged (fewer "
-                                         f"than two rate drops and validation error still moving)")
-    return f"reached: {words}", ""
-
-
 def _lr_note(side: pd.DataFrame, tune: str) -> str:
     """When the sweep is over a learning-rate scale, also name the rate it came to."""
     if tune == "lr" or "lr" not in side or side["lr"].nunique() != 1:
@@ -466,113 +327,3 @@ def _empty(grid: GridResults, claim: Claim, split: tuple, why: str) -> ClaimResu
                        precision=grid.label("precision"))
 
 
-# ---------------------------------------------------------------- verdicts
-
-def decide(iv: Interval, claim: Claim, bound: str, mde: float, needed: int | None, untestable: str,
-           used: dict[str, pd.DataFrame], cap: float, cens: dict[str, int]) -> tuple[str, str]:
-    """(verdict, reason). Regime first, then censoring (a bound), then the interval against the paper."""
-    if untestable:
-        return NOT_TESTABLE, untestable
-    if bound:
-        return _bound_verdict(iv, claim, bound, used, cap, cens)
-    text = verdict(iv, claim)
-    return text, _reason(text, iv, claim, mde, needed)
-
-
-def _bound_verdict(iv: Interval, claim: Claim, bound: str, used: dict, cap: float, cens: dict) -> tuple[str, str]:
-    """A censored run gives a bound, not a value: the effect is at least (or at most) the estimate counted at
-    the cap. It decides only when even the bound lies beyond the paper's number; otherwise it says what is not
-    excluded."""
-    a, b = side_name(claim, claim.a), side_name(claim, claim.b)
-    at = "their training time" if claim.metric.startswith("seconds") else f"the {cap:g}-epoch cap"
-    who = "; ".join(f"{n} of {len(used[k])} {side} runs never reached the target by {at}"
-                    for k, side, n in (("a", a, cens["a"]), ("b", b, cens["b"])) if n)
-    est = fmt(iv.estimate, claim)
-    if bound == "mixed":
-        return NOT_TESTABLE, f"{who}: both sides are censored, so neither a value nor a bound can be read"
-    if claim.paper is None:
-        return NOT_TESTABLE, f"{who}: the effect is {'at least' if bound == 'lower' else 'at most'} {est}"
-    towards = (bound == "lower") == (claim.paper > claim.reference)  # the truth may lie further the paper's way
-    paper = fmt(claim.paper, claim)
-    if towards and ((iv.estimate >= claim.paper) if claim.paper > claim.reference else (iv.estimate <= claim.paper)):
-        return REPRODUCED, f"{who}; even so the effect is at least {est}, as large as the paper's {paper}"
-    if claim.effect == "ratio":
-        reading = (f"{a} took at least {est} as long as {b}" if bound == "lower"
-                   else f"{a} took at most {est} as long as {b}")
-    else:
-        reading = f"the difference is {'at least' if bound == 'lower' else 'at most'} {est}"
-    excluded = "is not excluded" if towards else "cannot be reached from here"
-    return NOT_TESTABLE, f"{who}: {reading}; the paper's {paper} {excluded}; a higher epoch cap would tell"
-
-
-def _reason(text: str, iv: Interval, claim: Claim, mde: float, needed: int | None) -> str:
-    """One plain sentence for a verdict read off an interval."""
-    if text == NO_DATA:
-        return "no runs to compare"
-    lo, hi = fmt(iv.lo, claim, unit=False), fmt(iv.hi, claim, unit=False)
-    span = f"[{lo}, {hi}]"
-    none = "1x" if claim.effect == "ratio" else "0"
-    paper = fmt(claim.paper, claim) if claim.paper is not None else ""
-    power_note = ""
-    if math.isfinite(mde):
-        power_note = f"; these seeds detect only effects of {fmt(mde, claim)} or more (80% power)"
-        target = claim.margin if claim.margin is not None else claim.paper
-        if target is not None and needed and (mde > abs(target) if claim.effect != "ratio" else mde > target):
-            power_note += f"; about {needed} seeds would resolve {fmt(target, claim)}"
-        elif target is not None and needed is None:
-            power_note += "; more than 200 seeds would be needed at this spread"
-    if not iv.has_interval:
-        return "a single seed pair: no interval, so no verdict"
-    if text.startswith(NO_EFFECT):
-        base = f"the whole interval {span} lies inside the ±{claim.margin:g}{claim.unit} margin"
-    elif text.startswith(NOT_EQUIVALENT):
-        base = f"the interval {span} lies at or beyond the ±{claim.margin:g}{claim.unit} margin"
-    elif text == REPRODUCED:
-        base = f"the interval {span} excludes no effect ({none}) and includes the paper's {paper}"
-    elif text == SMALLER:
-        base = f"the interval {span} excludes no effect ({none}) but stays short of the paper's {paper}"
-    elif text == LARGER:
-        base = f"the interval {span} excludes no effect ({none}) and lies beyond the paper's {paper}"
-    elif text == OPPOSITE:
-        base = f"the interval {span} lies on the other side of no effect ({none}) from the paper's {paper}"
-    elif text.startswith(MEASURED):
-        base = f"the paper gives no number; the interval is {span}"
-    else:
-        base = f"the interval {span} includes no effect ({none})" + (
-            f" and the paper's {paper}" if claim.paper is not None and iv.lo <= claim.paper <= iv.hi else "")
-    return base + power_note
-
-
-def verdict(iv: Interval, claim: Claim) -> str:
-    """The rule written in REPORT.md: the interval against no effect (0 or 1) and the paper's number."""
-    if iv.method == "none":
-        return NO_DATA
-    if not iv.has_interval:
-        return INCONCLUSIVE
-    if claim.margin is not None:  # equivalence: the whole interval inside (-margin, margin), or wholly outside
-        m, unit = claim.margin, claim.unit
-        if -m < iv.lo and iv.hi < m:
-            return f"{EQUIVALENT}: within ±{m:g}{unit}"
-        if iv.lo >= m or iv.hi <= -m:
-            return f"{NOT_EQUIVALENT}: differs by {m:g}{unit} or more"
-        return INCONCLUSIVE
-    ref = claim.reference
-    if claim.paper is None or claim.paper == ref:
-        a, b = side_name(claim, claim.a), side_name(claim, claim.b)
-        a_b = f"{a} - {b}" if claim.effect == "difference" else f"{a} / {b}"
-        a_b += f" / {claim.per:g}" if claim.per != 1 else ""
-        if iv.lo > ref:
-            return f"{MEASURED}: {a_b} > {ref:g}"
-        if iv.hi < ref:
-            return f"{MEASURED}: {a_b} < {ref:g}"
-        return f"{MEASURED}: {a_b} spans {ref:g}"
-    s = 1.0 if claim.paper > ref else -1.0  # flip so that the paper's direction is positive
-    lo, hi = sorted(((iv.lo - ref) * s, (iv.hi - ref) * s))
-    p = (claim.paper - ref) * s
-    if lo > 0:
-        if hi < p:
-            return SMALLER
-        return LARGER if lo > p else REPRODUCED
-    if hi < 0:
-        return OPPOSITE
-    return INCONCLUSIVE

@@ -18,8 +18,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ablations.choices import FINISHED
-from reports.claims import (INCONCLUSIVE, LARGER, MEASURED, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE, OPPOSITE,
-                            REPRODUCED, SMALLER, ClaimResult, side_name)
+from reports.claims import ClaimResult
+from reports.verdicts import (INCONCLUSIVE, LARGER, MEASURED, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE, OPPOSITE,
+                              REPRODUCED, SMALLER, side_name)
 from reports.load import GridResults, canon, cell_label, display_axes
 from reports.output import write_atomic
 from reports.stats import clip, compare, mean_ci

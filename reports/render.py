@@ -15,8 +15,9 @@ from rich.table import Table
 from ablations.choices import FINISHED
 from ablations.errors import UserError
 from ablations.grid import grid_names, load_grid
-from reports.claims import (INCONCLUSIVE, LARGER, MEASURED, NO_DATA, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE,
-                            OPPOSITE, OVERFIT_POINTS, REPRODUCED, SMALLER, ClaimResult, evaluate)
+from reports.claims import ClaimResult, evaluate
+from reports.verdicts import (INCONCLUSIVE, LARGER, MEASURED, NO_DATA, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE,
+                              OPPOSITE, OVERFIT_POINTS, REPRODUCED, SMALLER)
 from reports.figures import forest_figure, grid_figures
 from reports.output import write_text
 from reports.load import CENSORABLE, METRICS, GridResults, canon, coverage, display_axes, load_results, machine_seconds

@@ -11,8 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from ablations.errors import UserError
-from reports.claims import (EQUIVALENT, INCONCLUSIVE, LARGER, MEASURED, NOT_EQUIVALENT, NOT_TESTABLE, OPPOSITE,
-                            REPRODUCED, SMALLER, VERDICTS, Claim, evaluate, split_axes, keyed, claims_of, verdict)
+from ablations.claims import Claim
+from reports.claims import claims_of, evaluate, keyed, split_axes
+from reports.verdicts import (EQUIVALENT, INCONCLUSIVE, LARGER, MEASURED, NOT_EQUIVALENT, NOT_TESTABLE, OPPOSITE,
+                              REPRODUCED, SMALLER, VERDICTS, verdict)
 from reports.load import load_grid, load_results
 from reports.stats import Interval, bootstrap, compare, mean_ci, paired_ratio, t_critical
 
