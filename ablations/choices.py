@@ -19,3 +19,9 @@ DECAY_ON = ("weights", "all")
 # a run in one of these states is finished: never trained again, and part of the results (a diverged run is a
 # result: its loss went to nan or inf); any other state (failed, or no summary yet) is retried by the next run
 FINISHED = ("finished", "diverged")
+SCHEDULES = ("constant", "step", "plateau", "cosine")
+PRECISIONS = ("fp32", "bf16")
+PREPROCESS = ("standard", "paper")
+AUGMENT = ("none", "flip", "crop_flip", "crop_flip_pca")  # the augmentation levels, weakest first
+DATASETS = {"cifar10": 10, "cifar100": 100}  # name -> classes
+ARCH_NAMES = ("alexnet", "convnet4")  # ablations/models.py's ARCHS builds each

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ablations.choices import DROPOUT_AT, POOLINGS
+from ablations.choices import ARCH_NAMES, DROPOUT_AT, POOLINGS
 from ablations.errors import UserError
 
 IMAGE_SHAPE = (3, 32, 32)
@@ -314,6 +314,7 @@ def _convnet4(spec: ModelSpec) -> Net:
 
 
 ARCHS: dict[str, Callable[[ModelSpec], Net]] = {"alexnet": _alexnet, "convnet4": _convnet4}
+assert tuple(ARCHS) == ARCH_NAMES, "ablations/choices.py's ARCH_NAMES names every arch, in this order"
 
 
 # ---------------------------------------------------------------------------------------------------------------

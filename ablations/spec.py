@@ -11,13 +11,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ablations.choices import AUGMENT, DATASETS, PRECISIONS, PREPROCESS, SCHEDULES
 from ablations.models import ModelSpec
 
-SCHEDULES = ("constant", "step", "plateau", "cosine")
-PRECISIONS = ("fp32", "bf16")
-PREPROCESS = ("standard", "paper")
-AUGMENT = ("none", "flip", "crop_flip", "crop_flip_pca")
-DATASETS = {"cifar10": 10, "cifar100": 100}
+__all__ = ["AUGMENT", "DATASETS", "PRECISIONS", "PREPROCESS", "SCHEDULES", "RunSpec", "run_id"]
+
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from ablations.choices import AUGMENT, PREPROCESS
 from ablations.errors import UserError
 
-PREPROCESS = ("standard", "paper")
-AUGMENT_LEVELS = ("none", "flip", "crop_flip", "crop_flip_pca")
+AUGMENT_LEVELS = AUGMENT
 
 # The augmentations each level switches on, in the order they run after normalisation.
 _LEVEL_OPS = {

@@ -8,6 +8,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
+def table_console() -> Console:
+    """rich on a terminal; on a pipe or a CI log, lines as wide as they need (no wrapping, no cut cells)."""
+    return Console() if sys.stdout.isatty() else Console(width=100_000, no_color=True, soft_wrap=True)
+
+
 def _label(axes: dict, seed: int) -> str:
     return " ".join(f"{k}={v}" for k, v in axes.items()) + f" seed={seed}"
 
