@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from ablations.errors import UserError
 from runners import data as D
+from runners import sources
 from runners.cli import main
 from tests import cifar_fixtures as fx
 
@@ -109,7 +110,7 @@ def test_jpeg_archive_is_labelled_lossy_with_its_quality(tmp_path, g10):
     ({"PNG"}, "cifar10-q75.tar", ("CIFAR-10 (PNG copy)", False, None)),
 ])
 def test_copy_label(formats, name, expected):
-    assert D._copy_label("CIFAR-10", formats, name) == expected
+    assert sources.copy_label("CIFAR-10", formats, name) == expected
 
 
 def test_unofficial_class_names_take_sorted_order(tmp_path, g10):
@@ -209,7 +210,7 @@ def test_pickle_asking_for_other_globals_is_refused(tmp_path, g10, capsys):
 def test_unpickler_reads_the_official_python2_layout(g10):
     raw = fx.py2_pickle({b"data": g10.train_x.reshape(30, -1), b"labels": g10.train_y.tolist()})
     assert b"cnumpy.core.multiarray\n_reconstruct\n" in raw and b"_codecs" not in raw
-    batch = D._unpickle(raw, "x")
+    batch = sources.unpickle(raw, "x")
     np.testing.assert_array_equal(batch[b"data"], g10.train_x.reshape(30, -1))
 
 
@@ -406,10 +407,10 @@ def test_importing_the_same_archive_again_does_nothing(tmp_path):
 
 def test_an_archive_member_larger_than_any_cifar_file_is_refused_before_reading(tmp_path, monkeypatch):
     import tarfile
-    import runners.data as data_mod
+
     from ablations.errors import UserError
     from runners.data import import_dataset
-    monkeypatch.setattr(data_mod, "MAX_MEMBER_BYTES", 1000)  # a small limit stands in for a multi-GB member
+    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 1000)  # a small limit stands in for a multi-GB member
     big = tmp_path / "big.bin"
     big.write_bytes(b"\0" * 5000)
     out = tmp_path / "bomb.tar"

@@ -1,6 +1,6 @@
 """Nothing untrusted is unpickled or handed to a shell, read from the source itself: checkpoints load with
 torch.load(weights_only=True), caches with np.load(allow_pickle=False), the official CIFAR pickles only through
-the unpickler in runners/data.py that rebuilds arrays and nothing else; no shell anywhere."""
+the unpickler in runners/sources.py that rebuilds arrays and nothing else; no shell anywhere."""
 import ast
 from pathlib import Path
 
@@ -50,10 +50,10 @@ def test_no_unsafe_loading_and_no_shell(path):
 def test_the_only_unpickler_rebuilds_arrays_and_nothing_else():
     unpicklers = [(p, node) for p in SOURCES for node in ast.walk(ast.parse(p.read_text()))
                   if isinstance(node, ast.ClassDef) and any("Unpickler" in ast.unparse(b) for b in node.bases)]
-    assert [(p.relative_to(ROOT).as_posix(), n.name) for p, n in unpicklers] == [("runners/data.py", "ArrayUnpickler")]
+    assert [(p.relative_to(ROOT).as_posix(), n.name) for p, n in unpicklers] == [("runners/sources.py", "ArrayUnpickler")]
     [(_, cls)] = unpicklers
     assert "find_class" in {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}
-    from runners.data import PICKLE_GLOBALS, ArrayUnpickler
+    from runners.sources import PICKLE_GLOBALS, ArrayUnpickler
     assert {m for m, _ in PICKLE_GLOBALS} <= {"numpy", "numpy.core.multiarray", "numpy._core.multiarray"}
     with pytest.raises(Exception, match="which a CIFAR file never does"):
         ArrayUnpickler.find_class(None, "os", "system")
