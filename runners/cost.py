@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ablations.models import ModelSpec, build_model, train_flops_per_image
 from ablations.spec import RunSpec
-from runners.store import Store
+from runners.store import RUNS_CSV, Store
 from runners.train import autocast, pick_device
 
 TRAIN_SIZE, TEST_SIZE = 50_000, 10_000
@@ -178,10 +178,11 @@ def _measured(results: Path, name: str, run_ids: set[str]) -> float:
 
     from reports.load import machine_seconds
 
-    if not run_ids or not (results / name / "runs.csv").exists():
+    path = results / name / RUNS_CSV
+    if not run_ids or not path.exists():
         return 0.0  # nothing trained yet
     try:
-        runs = pd.read_csv(results / name / "runs.csv")
+        runs = pd.read_csv(path)
     except (OSError, ValueError):
         return float("nan")  # unreadable: the report says why
     return machine_seconds(runs[runs.run_id.isin(run_ids)])

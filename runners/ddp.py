@@ -30,7 +30,7 @@ import torch
 from ablations.errors import UserError
 from ablations.spec import RunSpec
 from runners.ddp_worker import EPOCH_TAG
-from runners.store import Store, atomic_write_json
+from runners.store import RunFolder, Store
 from runners.train import CHECKPOINT_SECONDS, RunResult, TrainOptions, pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,13 +112,13 @@ def launch_ddp_run(spec: RunSpec, rdir: Path, dev: torch.device, context: dict,
     rdir = Path(rdir)
     threads = max(1, torch.get_num_threads() // nodes.per_node(spec.devices))
     cmd = torchrun_command(spec, rdir.resolve(), dev, data_dir, threads, nodes, context, options.checkpoint_seconds)
-    atomic_write_json(rdir / "spec.json", spec.to_json())  # rank 0 reads it and sends it to the others
-    (rdir / "summary.json").unlink(missing_ok=True)  # a failed attempt's; this attempt writes its own
+    folder = RunFolder(rdir)
+    folder.write_spec(spec.to_json())  # rank 0 reads it and sends it to the others
+    folder.clear_summary()  # a failed attempt's; this attempt writes its own
     rc, tail = run_torchrun(cmd, threads, on_epoch)
-    rows = _rows(rdir)
-    try:
-        summary = json.loads((rdir / "summary.json").read_text())
-    except (FileNotFoundError, ValueError):
+    rows = _rows(folder)
+    summary = folder.read_summary()
+    if summary is None:
         errors = [line for line in tail if line.startswith("error: ")]
         if errors:  # a rank met a user error (no data cache on a node, a full disk): stop as one process would
             raise UserError(errors[-1].removeprefix("error: ")) from None
@@ -166,9 +166,9 @@ def stop_with_parent() -> None:
         pass
 
 
-def _rows(rdir: Path) -> list[dict]:
+def _rows(folder: RunFolder) -> list[dict]:
     try:
-        return pd.read_csv(rdir / "epochs.csv").to_dict("records")
+        return folder.read_epochs()
     except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError):
         return []
 

@@ -93,9 +93,10 @@ def _train(args: argparse.Namespace, rank: int, local_rank: int, world: int, dev
            backend: str) -> int:
     from ablations.spec import RunSpec
     from runners.data import load_dataset
+    from runners.store import RunFolder
     from runners.train import train_run
 
-    text = (args.run_dir / "spec.json").read_text() if rank == 0 else ""
+    text = RunFolder(args.run_dir).read_spec_text() if rank == 0 else ""
     spec = RunSpec.from_json(json.loads(broadcast_text(text, device)))
     if spec.run_id != args.run_id:
         print(f"error: rank {rank} expected run {args.run_id} but rank 0 trains {spec.run_id}; every node must "

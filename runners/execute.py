@@ -24,7 +24,7 @@ from runners.data import load_dataset, resolve_data_dir
 from runners.progress import PlainReporter
 from runners.faults import fault_point
 from runners.tblog import RunLog
-from runners.store import RunLock, Store, atomic_write_json, remove_stale_temps
+from runners.store import RunFolder, RunLock, Store, atomic_write_json, remove_stale_temps
 from runners.train import TrainOptions, check_data_fits, pick_device, train_run
 
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_BUSY = 0, 3, 75
@@ -131,7 +131,7 @@ def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict
             for _, spec in waiting:  # said once per run, not at every poll
                 if spec.run_id not in outcome.announced:
                     outcome.announced.add(spec.run_id)
-                    holder = RunLock(store.run_dir(grid.name, spec.run_id) / "run.lock").holder()
+                    holder = RunLock(store.run_folder(grid.name, spec.run_id).lock_path).holder()
                     reporter.say(f"waiting for run {spec.run_id}: it is being trained by {holder}")
             time.sleep(poll_s)  # another process holds these runs: wait for it to finish (or die) and look again
         pending = waiting
@@ -156,7 +156,7 @@ def write_grid_json(store: Store, grid: Grid, specs: list[RunSpec], budget: str,
     gdir = store.grid_dir(grid.name)
     gdir.mkdir(parents=True, exist_ok=True)
     first = next(iter(datasets.values()))
-    atomic_write_json(gdir / "grid.json", {
+    atomic_write_json(store.grid_json(grid.name), {
         **grid.to_json(), "budget": budget, "overrides": overrides or {},
         "command": command or "ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "dataset": specs[0].dataset, "dataset_label": first.meta.get("label", specs[0].dataset),
@@ -177,7 +177,7 @@ def attempt_run(spec: RunSpec, i: int, total: int, store: Store, grid: str, data
         reporter.skip(spec, "already done")
         return "done"
     rdir = store.make_run_dir(grid, spec.run_id)
-    lock = RunLock(rdir / "run.lock")
+    lock = RunLock(RunFolder(rdir).lock_path)
     if not lock.acquire():
         return "busy"
     try:

@@ -42,6 +42,12 @@ TRACE_COLUMNS = ["epoch", "segment_wrong", "segment_loss_sum", "segment_images",
 
 # ---------------------------------------------------------------- atomic writes
 
+# the results layout's file names: spelled here only
+GRID_JSON, RUNS_CSV, EPOCHS_CSV, RUNS_DIR = "grid.json", "runs.csv", "epochs.csv", "runs"
+SPEC_JSON, SUMMARY_JSON, TRACE_CSV, MODEL_PT = "spec.json", "summary.json", "trace.csv", "model.pt"
+CHECKPOINT, CHECKPOINT_PREV, RUN_LOCK = "checkpoint.pt", "checkpoint.prev.pt", "run.lock"
+
+
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
@@ -124,6 +130,61 @@ def load_checkpoint(path: Path) -> dict | None:
         return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
     except Exception:  # noqa: BLE001 - a checksum-valid file that still fails to load is treated as corrupt
         return None
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run's folder, results/<grid>/runs/<run id>/: what training, launchers and the store read and write there."""
+    path: Path
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / RUN_LOCK
+
+    def write_spec(self, spec_json: dict) -> None:
+        atomic_write_json(self.path / SPEC_JSON, spec_json)
+
+    def read_spec_text(self) -> str:
+        return (self.path / SPEC_JSON).read_text()
+
+    def read_summary(self) -> dict | None:
+        """summary.json, or None while the run is unfinished (or its summary unreadable)."""
+        try:
+            return json.loads((self.path / SUMMARY_JSON).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def clear_summary(self) -> None:
+        (self.path / SUMMARY_JSON).unlink(missing_ok=True)
+
+    def read_epochs(self) -> list[dict]:
+        return pd.read_csv(self.path / EPOCHS_CSV).to_dict("records")
+
+    def resume_state(self) -> dict | None:
+        """The newest intact checkpoint: checkpoint.pt, else the previous one a torn write left in place."""
+        state = load_checkpoint(self.path / CHECKPOINT)
+        return state if state is not None else load_checkpoint(self.path / CHECKPOINT_PREV)
+
+    def save_checkpoint(self, state: dict) -> None:
+        """Keep the previous checkpoint until the new one is safely on disk (a torn write falls back to it)."""
+        cur, prev = self.path / CHECKPOINT, self.path / CHECKPOINT_PREV
+        if cur.exists():
+            os.replace(cur, prev)
+        save_checkpoint(cur, state)
+
+    def drop_checkpoints(self) -> None:
+        for name in (CHECKPOINT, CHECKPOINT_PREV):
+            (self.path / name).unlink(missing_ok=True)
+
+    def write_curves(self, rows: list[dict], trace: list[dict]) -> None:
+        atomic_write_text(self.path / EPOCHS_CSV, rows_csv(rows, EPOCH_COLUMNS))
+        atomic_write_text(self.path / TRACE_CSV, rows_csv(trace, TRACE_COLUMNS))
+
+    def write_result(self, rows: list[dict], trace: list[dict], weights: bytes, summary: dict) -> None:
+        """The finished run: its curves, weights and, last, the summary that marks it done."""
+        self.write_curves(rows, trace)
+        atomic_write_bytes(self.path / MODEL_PT, weights)
+        atomic_write_json(self.path / SUMMARY_JSON, summary)
 
 
 # ---------------------------------------------------------------- locks
@@ -253,24 +314,27 @@ class Store:
         return self.root / grid
 
     def run_dir(self, grid: str, run_id: str) -> Path:
-        return self.root / grid / "runs" / run_id
+        return self.root / grid / RUNS_DIR / run_id
+
+    def run_folder(self, grid: str, run_id: str) -> RunFolder:
+        return RunFolder(self.run_dir(grid, run_id))
+
+    def grid_json(self, grid: str) -> Path:
+        return self.grid_dir(grid) / GRID_JSON
 
     def make_run_dir(self, grid: str, run_id: str) -> Path:
         """Create (or find) a run's folder, refusing any link between the results folder and it: a planted link
         would send spec.json, epochs.csv and model.pt outside --out."""
         rdir = self.run_dir(grid, run_id)
         rdir.mkdir(parents=True, exist_ok=True)
-        for part in (self.grid_dir(grid), self.grid_dir(grid) / "runs", rdir):
+        for part in (self.grid_dir(grid), self.grid_dir(grid) / RUNS_DIR, rdir):
             if part.is_symlink():
                 raise UserError(f"{part} is a symbolic link, which the suite never creates; remove it and rerun "
                                 f"(results are never written through links)")
         return rdir
 
     def summary(self, grid: str, run_id: str) -> dict | None:
-        try:
-            return json.loads((self.run_dir(grid, run_id) / "summary.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return self.run_folder(grid, run_id).read_summary()
 
     def is_done(self, grid: str, run_id: str) -> bool:
         s = self.summary(grid, run_id)
@@ -281,7 +345,7 @@ class Store:
         and no links: checked before anything is written, so a refusal changes nothing."""
         folders = [self.root]
         if grid is not None:
-            folders += [p for p in (self.grid_dir(grid), self.grid_dir(grid) / "runs") if p.exists() or p.is_symlink()]
+            folders += [p for p in (self.grid_dir(grid), self.grid_dir(grid) / RUNS_DIR) if p.exists() or p.is_symlink()]
         for folder in folders:
             if folder.is_symlink() and folder != self.root:
                 raise UserError(f"{folder} is a symbolic link, which the suite never creates; remove it and rerun "
@@ -306,11 +370,11 @@ class Store:
         """Rebuild runs.csv and epochs.csv of a grid from its run folders (under a grid lock)."""
         gdir = self.grid_dir(grid)
         with grid_lock(gdir):
-            remove_stale_temps(gdir, ("runs.csv", "epochs.csv"))
+            remove_stale_temps(gdir, (RUNS_CSV, EPOCHS_CSV))
             runs, epochs = [], []
-            for rdir in sorted((gdir / "runs").glob("*/")):
+            for rdir in sorted((gdir / RUNS_DIR).glob("*/")):
                 try:
-                    summary = json.loads((rdir / "summary.json").read_text())
+                    summary = json.loads((rdir / SUMMARY_JSON).read_text())
                 except (FileNotFoundError, ValueError):
                     continue  # not finished (or being written): not part of the aggregate yet
                 row = summary_row(summary)
@@ -325,8 +389,8 @@ class Store:
             epochs_df = pd.concat(epochs, ignore_index=True) if epochs else pd.DataFrame(
                 columns=["run_id", "grid", "seed", *AGGREGATE_EPOCH_COLUMNS])
             if len(runs_df):
-                atomic_write_csv(gdir / "runs.csv", runs_df)
-                atomic_write_csv(gdir / "epochs.csv", epochs_df)
+                atomic_write_csv(gdir / RUNS_CSV, runs_df)
+                atomic_write_csv(gdir / EPOCHS_CSV, epochs_df)
             return runs_df, epochs_df
 
 
@@ -334,7 +398,7 @@ def run_epochs(rdir: Path, summary: dict, warn: Callable[[str], None] = _warn) -
     """A run's epochs.csv, checked against its summary.json, which is the record: the epoch rows of a finished or
     diverged run (never trained again) are rewritten from the summary when the file is damaged or missing. A
     damaged file whose summary holds no rows (written before summaries kept them) is left out, with a warning."""
-    path, rows = rdir / "epochs.csv", summary.get("epochs")
+    path, rows = rdir / EPOCHS_CSV, summary.get("epochs")
     if rows and summary["status"] in FINISHED:
         text = rows_csv(rows, EPOCH_COLUMNS)
         try:

@@ -7,14 +7,8 @@ where an uninterrupted one ends. Evaluation lives in runners/evaluate.py, what t
 times to a target, the chance guard, the summary) in runners/metrics.py."""
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
 import io
 import math
-import os
-import platform
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -23,20 +17,19 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
 
 from ablations.models import build_model, count_params, train_flops_per_image
 from ablations.spec import RunSpec
 from runners.augment import BatchAugmenter, compute_input_stats
 from runners.data import CifarData
 from runners.evaluate import EVAL_BATCH, Evaluation, autocast, evaluate, evaluate_split, lrn_activity  # noqa: F401
-from runners.provenance import git_state, suite_version
 from runners.metrics import (CHANCE_LOSS, TRACE_POINTS, converged, end_of_run, learned, summarise,  # noqa: F401
                              target_time, trace_rows, trace_segments)
-from runners.store import (EPOCH_COLUMNS, TRACE_COLUMNS, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                           load_checkpoint, rows_csv, save_checkpoint)
+from runners.checkpoint import Checkpointer
+from runners.device_data import DeviceData, check_data_fits, select_data  # noqa: F401
+from runners.devices import environment, keep_freed_memory, pick_device  # noqa: F401
+from runners.store import RunFolder
 
-CLEAN_TRAIN_IMAGES = 2000  # the fixed training slice evaluated in eval mode each epoch (the fair gap, the chance guard)
 LRN_PROBE_IMAGES = 256  # clean training images through which the LRN activity diagnostic is measured
 CHECKPOINT_SECONDS = 30.0
 COMPILED_INPUT_IMAGES = 1_000_000  # see compile_input
@@ -51,25 +44,6 @@ class RunResult:
     rows: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     error: str = ""
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory instead of handing it back to the OS after each training step.
-
-    By default, large freed blocks (activations) are unmapped or trimmed and faulted back in page by page
-    (4 KB) at the next allocation, and a step frees and reallocates the same buffers every time: thousands
-    of page faults per smoke run (tests/test_run.py shows the effect on a 4 MB buffer). CPU training guides
-    suggest jemalloc or tcmalloc; this gets the same effect with no extra dependency. The cost is that the
-    process keeps its peak memory. Linux/glibc only; elsewhere it does nothing."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20))
 
 
 def compile_input(spec: RunSpec, n_train: int, device: torch.device) -> bool:
@@ -99,109 +73,7 @@ class TrainOptions:
     rdzv: str = ""  # HOST:PORT on node 0; only for nnodes > 1
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from ablations.errors import UserError
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but no CUDA device is available; use --device cpu or auto")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
-                        f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return dev
-
-
-@dataclass(frozen=True)
-class DeviceData:
-    """The run's images on the training device: uint8 images, int64 labels.
-
-    train: what SGD sees; val: held out of the training images, decides the schedule (and, in reports, every
-    choice); test: reported, never decides anything; clean: a fixed slice of train, evaluated like val (eval mode,
-    no augmentation), so that test - clean is an over-fitting gap that dropout and augmentation cannot bias."""
-
-    train_x: torch.Tensor  # (N, 3, 32, 32) uint8
-    train_y: torch.Tensor  # (N,)
-    test_x: torch.Tensor  # (M, 3, 32, 32) uint8
-    test_y: torch.Tensor  # (M,)
-    val_x: torch.Tensor | None = None  # (V, 3, 32, 32) uint8; None without a validation split
-    val_y: torch.Tensor | None = None
-    clean_x: torch.Tensor | None = None  # (K, 3, 32, 32) uint8, K = min(N, CLEAN_TRAIN_IMAGES)
-    clean_y: torch.Tensor | None = None
-    val_fingerprint: str = ""  # sha256 (12 hex) of the validation indices into the imported training set
-
-
-def validation_split(labels: torch.Tensor, size: int) -> torch.Tensor:
-    """Indices of a class-stratified validation set of `size` training images, the same for every run.
-
-    Each class gives size // C images (the first size % C classes one more), the first of a fixed shuffle (seed 0)
-    of that class's images. Sorted, so the fingerprint does not depend on the class order."""
-    classes = int(labels.max()) + 1 if len(labels) else 0
-    gen = torch.Generator().manual_seed(0)
-    picks = []
-    for c in range(classes):
-        members = (labels == c).nonzero().flatten()
-        take = size // classes + (c < size % classes)
-        if take > len(members):
-            from ablations.errors import UserError
-            raise UserError(f"val_size {size} needs {take} images of class {c}, the data has {len(members)}; "
-                            f"choose a smaller val_size")
-        picks.append(members[torch.randperm(len(members), generator=gen)[:take]])
-    return torch.cat(picks).sort().values if picks else torch.zeros(0, dtype=torch.long)
-
-
-def check_data_fits(spec: RunSpec, data: CifarData) -> None:
-    """The validation split, subset and test subset fit the imported data (one line naming the limit if not)."""
-    from ablations.errors import UserError
-    n_train = len(data.train_y)
-    if spec.val_size and spec.val_size >= n_train:
-        raise UserError(f"val_size {spec.val_size} leaves no training images of the {n_train} imported; "
-                        f"choose a smaller val_size")
-    left = n_train - spec.val_size
-    if spec.subset > left:
-        raise UserError(f"subset {spec.subset} is more than the {left} training images "
-                        f"{'left after the validation split' if spec.val_size else 'imported'}; choose at most "
-                        f"{left}, or 0 for all")
     # a test_subset beyond the test set means all of it: clamped, and the count used is recorded (test_images)
-
-
-def select_data(spec: RunSpec, data: CifarData, device: torch.device) -> DeviceData:
-    """Validation split first (stratified, fixed), then `subset` images of the rest from a fixed shuffle (seed 0,
-    the same for every run, so classes stay balanced), then the clean slice and `test_subset` the same way."""
-
-    def first(n_all: int, n: int) -> torch.Tensor:
-        if n and n < n_all:
-            return torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:n]
-        return torch.arange(n_all)
-
-    check_data_fits(spec, data)
-    n_train = len(data.train_y)
-    val_idx = validation_split(data.train_y, spec.val_size) if spec.val_size else torch.zeros(0, dtype=torch.long)
-    keep = torch.ones(n_train, dtype=torch.bool)
-    keep[val_idx] = False
-    pool = keep.nonzero().flatten()
-    if spec.val_size:
-        pool = pool[first(len(pool), spec.subset)]
-    else:  # no split: the same images as ever for a given subset
-        pool = first(n_train, spec.subset)
-    clean = first(len(pool), min(len(pool), CLEAN_TRAIN_IMAGES))
-    test = first(len(data.test_y), spec.test_subset)
-
-    def put(x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        return (x if idx is None else x[idx]).to(device).contiguous()
-
-    train_x, train_y = put(data.train_x, pool), put(data.train_y, pool)
-    fingerprint = hashlib.sha256(val_idx.numpy().astype("<i8").tobytes()).hexdigest()[:12] if spec.val_size else ""
-    return DeviceData(train_x, train_y, put(data.test_x, test), put(data.test_y, test),
-                      val_x=put(data.train_x, val_idx) if spec.val_size else None,
-                      val_y=put(data.train_y, val_idx) if spec.val_size else None,
-                      clean_x=train_x[clean.to(device)], clean_y=train_y[clean.to(device)],
-                      val_fingerprint=fingerprint)
 
 
 def make_optimizer(model: torch.nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
@@ -307,41 +179,84 @@ def set_rng_state(state: dict, order_gen: torch.Generator, aug_gen: torch.Genera
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@functools.cache
-def _cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+@dataclass
+class Trainee:
+    """What one run trains, built in a fixed order: the RNG draws, and so the run, depend on it."""
+    dd: DeviceData
+    aug: BatchAugmenter
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    order_gen: torch.Generator
+    aug_gen: torch.Generator
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model and core count: what a run (and a bench row) records it ran on."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+def build_trainee(spec: RunSpec, data: CifarData, device: torch.device, shard: tuple[int, int]) -> Trainee:
+    """Seeds, data on the device, augmenter, model, optimiser and schedule. Every rank builds the same initial
+    model (seed); after that rank r > 0 reseeds the global RNG (dropout) with seed + DROPOUT_RANK_STRIDE * r, so
+    ranks draw independent masks and rank 0 draws what one process would."""
+    torch.manual_seed(spec.seed)
+    order_gen = torch.Generator(device="cpu").manual_seed(spec.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(spec.seed + 1_000_003 * (shard[0] + 1))
+    dd = select_data(spec, data, device)
+    aug = BatchAugmenter(compute_input_stats(dd.train_x), spec.preprocess, spec.augment, device=device,
+                         compiled=compile_input(spec, len(dd.train_y), device))
+    model = build_model(spec.model).to(device)
+    if shard[0]:
+        torch.manual_seed(spec.seed + DROPOUT_RANK_STRIDE * shard[0])
+    if spec.precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, spec)
+    return Trainee(dd, aug, model, opt, make_scheduler(opt, spec), order_gen, aug_gen)
 
 
-def environment(spec: RunSpec, data: CifarData, device: torch.device, context: dict) -> dict:
-    return {"torch_version": torch.__version__, "device": str(device), "device_name": device_name(device),
-            "precision": spec.precision, "devices": spec.devices, "threads": torch.get_num_threads(),
-            "dataset": spec.dataset, "dataset_label": data.meta.get("label", spec.dataset),
-            "dataset_sha256": data.meta.get("sha256", ""), "dataset_source": data.meta.get("source", ""),
-            "python": platform.python_version(), "host": platform.node(), **provenance(), **context}
+def resume(t: Trainee, state: dict | None, spec: RunSpec, shard: tuple[int, int]) -> tuple[list, list, float]:
+    """Load this run's checkpoint into t: (epoch rows, trace, wall seconds so far); nothing for another run's."""
+    if state is None or state.get("run_id") != spec.run_id:
+        return [], [], 0.0
+    t.model.load_state_dict(state["model"])
+    t.opt.load_state_dict(state["opt"])
+    t.sched.load_state_dict(state["sched"])
+    ranks = state.get("rng_ranks", [])
+    set_rng_state(ranks[shard[0]] if len(ranks) == shard[1] else state["rng"], t.order_gen, t.aug_gen)
+    return list(state["rows"]), list(state.get("trace", [])), float(state.get("wall", 0.0))
 
 
-@functools.cache
-def provenance() -> dict:
-    """The suite's version and git commit (with a dirty flag) and the versions that decide the numbers."""
-    import numpy
-    import torchvision
+def run_epoch(net: torch.nn.Module, t: Trainee, spec: RunSpec, device: torch.device, epoch: int, cum: float,
+              trace: list[dict], on_step: Callable[[int, int], None] | None, shard: tuple[int, int],
+              reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """Train one epoch, evaluate test, clean-train and validation data, step the schedule; the epoch's row (the
+    Figure 1 trace grows in place). One host sync for the training sums, summed over ranks."""
+    dd = t.dd
+    lr = t.opt.param_groups[0]["lr"]
+    t0 = time.perf_counter()
+    loss_sum, wrong, seen, segments = train_one_epoch(net, t.opt, dd, t.aug, spec, device, t.order_gen, t.aug_gen,
+                                                      on_step, shard)
+    totals = reduce(torch.cat([torch.stack([loss_sum.float(), wrong.float(), torch.tensor(float(seen), device=device)]),
+                               segments[:, [0, 1, 2]].flatten()])).tolist()
+    train_loss, train_err, n_seen = totals[0] / totals[2], totals[1] / totals[2], totals[2]
+    seconds = time.perf_counter() - t0
+    segs = [totals[3 + 3 * k:6 + 3 * k] for k in range(len(segments))]
+    trace += trace_rows(epoch, segs, trace_segments(math.ceil(len(dd.train_y) / spec.batch_size))[1],
+                        trace[-TRACE_POINTS:])
+    test = evaluate_split(t.model, dd.test_x, dd.test_y, t.aug, spec, device, spec.test_crops, shard, reduce)
+    clean = evaluate_split(t.model, dd.clean_x, dd.clean_y, t.aug, spec, device, 1, shard, reduce)
+    val = evaluate_split(t.model, dd.val_x, dd.val_y, t.aug, spec, device, 1, shard, reduce) \
+        if dd.val_x is not None else None
+    step_scheduler(t.sched, val.error if val else math.nan)
+    return dict(epoch=epoch, lr=lr, train_loss=train_loss, train_error=train_err,
+                val_loss=val.loss if val else math.nan, val_error=val.error if val else math.nan,
+                clean_train_loss=clean.loss, clean_train_error=clean.error,
+                predicted_classes=clean.predicted_classes, test_loss=test.loss, test_error=test.error,
+                test_error_top5=test.error_top5, epoch_seconds=seconds, images_per_second=n_seen / seconds,
+                cum_seconds=cum + seconds)
 
-    commit, dirty = git_state()
-    return {"suite_version": suite_version(), "git_commit": commit, "git_dirty": dirty,
-            "torchvision_version": torchvision.__version__, "numpy_version": numpy.__version__}
+
+def checkpoint_state(spec: RunSpec, t: Trainee, rng: dict, rng_ranks: list, rows: list, trace: list,
+                     wall: float) -> dict:
+    return {"run_id": spec.run_id, "model": t.model.state_dict(), "opt": t.opt.state_dict(),
+            "sched": t.sched.state_dict(), "rng": rng, "rng_ranks": rng_ranks, "rows": list(rows),
+            "trace": list(trace), "wall": wall}
 
 
 def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.device | str = "auto",
@@ -355,153 +270,74 @@ def train_run(spec: RunSpec, data: CifarData, run_dir: Path, device: torch.devic
     """Train (or resume) one run into run_dir. Only rank 0 of a sharded run writes files.
 
     `wrap` wraps the model (DDP), `reduce` sums a device tensor over ranks, `gather` collects one object
-    per rank (every rank's RNG state goes into rank 0's checkpoint); all default to one process.
-    Every rank builds the same initial model (seed); after that rank r > 0 reseeds the global RNG (dropout)
-    with seed + DROPOUT_RANK_STRIDE * r, so ranks draw independent masks and rank 0 draws what one process
-    would."""
+    per rank (every rank's RNG state goes into rank 0's checkpoint); all default to one process."""
     device = pick_device(device) if isinstance(device, str) else device
     keep_freed_memory()
-    run_dir = Path(run_dir)
-    writer = shard[0] == 0
+    folder, writer, reduce = RunFolder(Path(run_dir)), shard[0] == 0, reduce or (lambda x: x)
     if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "spec.json", spec.to_json())
-    reduce = reduce or (lambda t: t)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder.write_spec(spec.to_json())
     started = time.perf_counter()
-
-    torch.manual_seed(spec.seed)
-    order_gen = torch.Generator(device="cpu").manual_seed(spec.seed)
-    aug_gen = torch.Generator(device=device).manual_seed(spec.seed + 1_000_003 * (shard[0] + 1))
-    dd = select_data(spec, data, device)
-    aug = BatchAugmenter(compute_input_stats(dd.train_x), spec.preprocess, spec.augment, device=device,
-                         compiled=compile_input(spec, len(dd.train_y), device))
-    model = build_model(spec.model).to(device)
-    if shard[0]:
-        torch.manual_seed(spec.seed + DROPOUT_RANK_STRIDE * shard[0])
-    if spec.precision == "bf16":
-        model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, spec)
-    sched = make_scheduler(opt, spec)
-
-    rows: list[dict] = []
-    trace: list[dict] = []
-    state = load_checkpoint(run_dir / "checkpoint.pt")
-    if state is None:
-        state = load_checkpoint(run_dir / "checkpoint.prev.pt")
-    if state is not None and state.get("run_id") == spec.run_id:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        ranks = state.get("rng_ranks", [])
-        set_rng_state(ranks[shard[0]] if len(ranks) == shard[1] else state["rng"], order_gen, aug_gen)
-        rows = list(state["rows"])
-        trace = list(state.get("trace", []))
-        wall_before = float(state.get("wall", 0.0))
-        if on_resume is not None and writer:
-            on_resume(len(rows))
-    else:
-        wall_before = 0.0
-    net = wrap(model) if wrap else model
-
-    env = {**environment(spec, data, device, context or {}), "val_fingerprint": dd.val_fingerprint}
-    extra = {"model_params": count_params(model), "flops_per_image": train_flops_per_image(spec.model),
-             "world_size": shard[1], "train_images": len(dd.train_y), "test_images": len(dd.test_y)}
+    t = build_trainee(spec, data, device, shard)
+    rows, trace, wall_before = resume(t, folder.resume_state(), spec, shard)
+    if rows and on_resume is not None and writer:
+        on_resume(len(rows))
+    net = wrap(t.model) if wrap else t.model
+    env = {**environment(spec, data, device, context or {}), "val_fingerprint": t.dd.val_fingerprint}
+    extra = {"model_params": count_params(t.model), "flops_per_image": train_flops_per_image(spec.model),
+             "world_size": shard[1], "train_images": len(t.dd.train_y), "test_images": len(t.dd.test_y)}
     # resumed after the epoch that ended the run (killed before its summary was written): train no further
     status, stop_reason, error = end_of_run(spec, rows, trace) if rows else ("finished", "epochs", "")
-    cum = rows[-1]["cum_seconds"] if rows else 0.0
-    every, last_saved = checkpoint_seconds, time.perf_counter()
-    unsaved: dict | None = None  # the last finished epoch's state when no checkpoint was written after it
+    ckpt = Checkpointer(folder, checkpoint_seconds, time.perf_counter)
     try:
         for epoch in range(len(rows) + 1, spec.epochs + 1 if stop_reason == "epochs" else 0):
-            lr = opt.param_groups[0]["lr"]
-            t0 = time.perf_counter()
-            loss_sum, wrong, seen, segments = train_one_epoch(net, opt, dd, aug, spec, device, order_gen,
-                                                              aug_gen, on_step, shard)
-            totals = reduce(torch.cat([torch.stack([loss_sum.float(), wrong.float(),
-                                                    torch.tensor(float(seen), device=device)]),
-                                       segments[:, [0, 1, 2]].flatten()])).tolist()
-            train_loss, train_err, n_seen = totals[0] / totals[2], totals[1] / totals[2], totals[2]
-            seconds = time.perf_counter() - t0
-            segs = [totals[3 + 3 * k:6 + 3 * k] for k in range(len(segments))]
-            trace += trace_rows(epoch, segs, trace_segments(math.ceil(len(dd.train_y) / spec.batch_size))[1],
-                                trace[-TRACE_POINTS:])
-            test = evaluate_split(model, dd.test_x, dd.test_y, aug, spec, device, spec.test_crops, shard, reduce)
-            clean = evaluate_split(model, dd.clean_x, dd.clean_y, aug, spec, device, 1, shard, reduce)
-            val = evaluate_split(model, dd.val_x, dd.val_y, aug, spec, device, 1, shard, reduce) \
-                if dd.val_x is not None else None
-            step_scheduler(sched, val.error if val else math.nan)
-            cum += seconds
-            row = dict(epoch=epoch, lr=lr, train_loss=train_loss, train_error=train_err,
-                       val_loss=val.loss if val else math.nan, val_error=val.error if val else math.nan,
-                       clean_train_loss=clean.loss, clean_train_error=clean.error,
-                       predicted_classes=clean.predicted_classes, test_loss=test.loss, test_error=test.error,
-                       test_error_top5=test.error_top5, epoch_seconds=seconds, images_per_second=n_seen / seconds,
-                       cum_seconds=cum)
+            row = run_epoch(net, t, spec, device, epoch, rows[-1]["cum_seconds"] if rows else 0.0, trace, on_step,
+                            shard, reduce)
             rows.append(row)
             status, stop_reason, error = end_of_run(spec, rows, trace)
-            rng = rng_state(order_gen, aug_gen)
+            rng = rng_state(t.order_gen, t.aug_gen)
             rng_ranks = gather(rng) if gather is not None else []  # a collective: every rank calls it
             if writer:
-                state = {"run_id": spec.run_id, "model": model.state_dict(), "opt": opt.state_dict(),
-                         "sched": sched.state_dict(), "rng": rng, "rng_ranks": rng_ranks, "rows": list(rows),
-                         "trace": list(trace), "wall": wall_before + time.perf_counter() - started}
-                if time.perf_counter() - last_saved >= every:
-                    save_checkpoint_rotating(run_dir, state)
-                    atomic_write_text(run_dir / "epochs.csv", rows_csv(rows, EPOCH_COLUMNS))
-                    atomic_write_text(run_dir / "trace.csv", rows_csv(trace, TRACE_COLUMNS))
-                    last_saved, unsaved = time.perf_counter(), None
-                elif stop_reason == "epochs" and epoch < spec.epochs:  # written if Ctrl-C stops the run; a copy,
-                    # because the next epoch trains the live tensors on
-                    unsaved = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, state)
-                else:  # the run's last epoch: nothing trains after it, so the live tensors stay its state
-                    unsaved = state
+                state = checkpoint_state(spec, t, rng, rng_ranks, rows, trace,
+                                         wall_before + time.perf_counter() - started)
+                ckpt.after_epoch(state, rows, trace, trains_on=stop_reason == "epochs" and epoch < spec.epochs)
             if on_epoch is not None:
                 on_epoch(row)
             if stop_reason != "epochs":
                 break
     except (KeyboardInterrupt, SystemExit):
-        if unsaved is not None:
-            save_checkpoint_rotating(run_dir, unsaved)
+        ckpt.save_unsaved()
         raise  # the last finished epoch's checkpoint is on disk: the run resumes from it
     except Exception as err:  # noqa: BLE001 - a failed run is a row, not a crash (the grid goes on)
         if isinstance(err, OSError) or type(err).__name__ == "UserError":
             raise
         status, stop_reason, error = "failed", "error", f"{type(err).__name__}: {err}"
         traceback.print_exc()
-        if unsaved is not None:  # a failed run resumes when rerun: from its last finished epoch
-            save_checkpoint_rotating(run_dir, unsaved)
+        ckpt.save_unsaved()  # a failed run resumes when rerun: from its last finished epoch
 
     extra["wall_seconds"] = wall_before + time.perf_counter() - started
-    if rows and dd.clean_x is not None:
-        with autocast(device, spec.precision):
-            fmt = torch.channels_last if spec.precision == "bf16" else torch.contiguous_format
-            extra.update(lrn_activity(model, aug.eval(dd.clean_x[:LRN_PROBE_IMAGES]).contiguous(memory_format=fmt)))
+    if rows and t.dd.clean_x is not None:
+        extra.update(lrn_probe(t, spec, device))
     summary = summarise(spec, rows, status, stop_reason, error, env, extra, trace)
     if writer:
         try:
-            atomic_write_text(run_dir / "epochs.csv", rows_csv(rows, EPOCH_COLUMNS))  # killed before? rewrite
-            atomic_write_text(run_dir / "trace.csv", rows_csv(trace, TRACE_COLUMNS))
-            atomic_write_bytes(run_dir / "model.pt", _state_bytes(model))
-            atomic_write_json(run_dir / "summary.json", summary)
+            folder.write_result(rows, trace, weights_bytes(t.model), summary)  # the summary last: then it is done
         except KeyboardInterrupt:  # before the summary made the run finished: keep its last epoch
-            if unsaved is not None:
-                save_checkpoint_rotating(run_dir, unsaved)
+            ckpt.save_unsaved()
             raise
         if status != "failed":  # a failed run (e.g. a lost rank) resumes from its last epoch when rerun
-            for name in ("checkpoint.pt", "checkpoint.prev.pt"):
-                (run_dir / name).unlink(missing_ok=True)
+            folder.drop_checkpoints()
     return RunResult(spec.run_id, status, stop_reason, rows, summary, error)
 
 
-def save_checkpoint_rotating(run_dir: Path, state: dict) -> None:
-    """Keep the previous checkpoint until the new one is safely on disk (a torn write falls back to it)."""
-    cur, prev = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
-    if cur.exists():
-        os.replace(cur, prev)
-    save_checkpoint(cur, state)
+def lrn_probe(t: Trainee, spec: RunSpec, device: torch.device) -> dict:
+    """The LRN activity diagnostic on a slice of clean training images, in the run's precision and layout."""
+    with autocast(device, spec.precision):
+        fmt = torch.channels_last if spec.precision == "bf16" else torch.contiguous_format
+        return lrn_activity(t.model, t.aug.eval(t.dd.clean_x[:LRN_PROBE_IMAGES]).contiguous(memory_format=fmt))
 
 
-def _state_bytes(model: torch.nn.Module) -> bytes:
+def weights_bytes(model: torch.nn.Module) -> bytes:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.getvalue()

@@ -212,7 +212,7 @@ def test_freed_training_memory_is_reused_without_page_faults():
     """train_run asks glibc to keep freed blocks: reallocating a step's activations then costs no page faults
     (by default glibc trims or unmaps freed 4 MB buffers and faults them back in: ~5,000 faults for these 20)."""
     import resource
-    from runners.train import keep_freed_memory
+    from runners.devices import keep_freed_memory
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's mallopt is Linux only; elsewhere keep_freed_memory does nothing")
     assert keep_freed_memory()

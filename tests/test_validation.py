@@ -12,8 +12,10 @@ from ablations.errors import UserError
 from ablations.models import ModelSpec
 from ablations.spec import RunSpec
 from runners.data import make_synthetic
-from runners.train import (CHANCE_LOSS, learned, lrn_activity, make_optimizer, select_data, target_time,
-                           trace_rows, trace_segments, train_run, validation_split)
+from runners.device_data import select_data, validation_split
+from runners.evaluate import lrn_activity
+from runners.metrics import CHANCE_LOSS, learned, target_time, trace_rows, trace_segments
+from runners.train import make_optimizer, train_run
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_the_fair_gap_ignores_what_dropout_does_to_the_training_batches(data):
     and so the gap test - clean, unchanged: the same weights with and without dropout give the same clean error."""
     from ablations.models import build_model
     from runners.augment import BatchAugmenter, compute_input_stats
-    from runners.train import evaluate_split
+    from runners.evaluate import evaluate_split
     cpu = torch.device("cpu")
     spec = _spec(model=ModelSpec(width=0.125, dropout=0.9))
     dd = select_data(spec, data, cpu)
@@ -184,7 +186,7 @@ def test_lrn_activity_tells_a_constant_rescaling_from_normalisation():
 
 
 def test_convergence_needs_two_rate_drops_or_a_flat_validation_error():
-    from runners.train import converged
+    from runners.metrics import converged
     rows = lambda lrs, vals: [dict(lr=l, val_error=v) for l, v in zip(lrs, vals)]  # noqa: E731
     assert converged(rows([1, 0.1, 0.01], [0.5, 0.4, 0.3]))
     assert not converged(rows([1, 0.1, 0.1], [0.5, 0.4, 0.3]))

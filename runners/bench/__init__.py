@@ -20,7 +20,7 @@ from runners.bench.workloads import (CONVNET4, CSV_COLUMNS, LOOP_BARE, LOOP_BARE
                                      forward_flops_per_image, gemm_workload, kernel_bound, loop_workloads, model_label,
                                      pipeline_calls, pipeline_workload, reference_flops_per_image, train_calls,
                                      train_workload)
-from runners.train import device_name, pick_device
+from runners.devices import device_name, pick_device
 
 __all__ = ["BenchConfig", "BenchResult", "CONVNET4", "CSV_COLUMNS", "CaseVerdict", "DeviceSet", "GATE_CASES",
            "GATE_TOLERANCE", "GATE_UNIT", "GateCase", "GateMeasurement", "LOOP_BARE", "LOOP_BARE_EVAL", "LOOP_RUN",

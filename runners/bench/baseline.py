@@ -30,10 +30,7 @@ from runners.bench.workloads import (
     train_workload,
 )
 from runners.data import make_synthetic
-from runners.train import (
-    device_name,
-    pick_device,
-)
+from runners.devices import device_name, pick_device
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,8 @@ from runners.bench.workloads import (
     train_workload,
 )
 from runners.data import CifarData, load_dataset, make_synthetic
-from runners.train import (
-    COMPILED_INPUT_IMAGES,
-    device_name,
-    keep_freed_memory,
-    pick_device,
-)
+from runners.devices import device_name, keep_freed_memory, pick_device
+from runners.train import COMPILED_INPUT_IMAGES
 
 # ---------------------------------------------------------------------------------------------------------------
 # The bench

@@ -21,7 +21,7 @@ import pandas as pd
 from runners.bench import paired
 from runners.bench.baseline import processor_key
 from runners.store import atomic_write_json
-from runners.train import device_name, pick_device
+from runners.devices import device_name, pick_device
 
 
 def trial_rows(trial: int, kind: str, r: paired.PairedResult) -> list[dict]:
