@@ -179,10 +179,10 @@ class _ConvBiasGradApart(torch.autograd.Function):
 
     Forward is F.conv2d itself; backward asks aten.convolution_backward (what autograd calls for conv2d) for the
     input and weight gradients only. Why: asked for the bias gradient as well, oneDNN's bf16 backward-weights
-    pass leaves its AMX kernel for a generic GEMM one on small-channel layers (alexnet conv1 3->64: 70 -> 9 ms,
-    conv2 64->192: 126 -> 54 ms per batch of 128, one thread, this CPU). Adding the bias outside the conv
-    instead would cost more than it saves: a broadcast add over a channels_last map with few channels runs
-    ~20x slower than a copy."""
+    pass leaves its AMX kernel for a generic GEMM one on small-channel layers such as alexnet's conv1 (3->64) and
+    conv2 (64->192); `ablate bench`'s per-layer rows show the difference on a given machine. Adding the bias
+    outside the conv instead would cost more than it saves: a broadcast add over a channels_last map with few
+    channels is far slower than a copy."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):

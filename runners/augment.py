@@ -90,7 +90,7 @@ def _check_mode(mode: str) -> None:
 def normalize(x: torch.Tensor, mode: str, stats: InputStats) -> torch.Tensor:
     """uint8 or float (B, 3, H, W) on the 0-255 scale -> float32 network input (a new tensor).
 
-    standard: (x/255 - mean/255) / (std/255) = (x - mean) / std per channel (today's default).
+    standard: (x/255 - mean/255) / (std/255) = (x - mean) / std per channel (torchvision's and most CIFAR code's).
     paper:    x - mean image, still on the 0-255 scale, no division (paper §2, cuda-convnet).
     """
     return normalize_into(torch.empty_like(x, dtype=torch.float32), x, mode, stats)
