@@ -1,13 +1,19 @@
-"""A claim of the paper as a grid declares it (a `[[claims]]` table, checked by ablations/grid.py): which axis's two
-values are compared, on which metric, as a ratio or a difference, and what the paper says. The report reads it."""
+"""A claim of the paper as a grid declares it (a `[[claims]]` table): which axis's two values are compared, on which
+metric, as a ratio or a difference, and what the paper says. check_claim validates the table when the grid file
+loads; the report reads it back from grid.json as a Claim."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from ablations.errors import UserError, check_table, no_unknown
+
 ERROR_METRICS = {"train_error", "test_error", "test_error_top5", "test_error_at_best_val", "gap", "val_error",
                  "clean_train_error"}
 THROUGHPUT_METRICS = {"images_per_second"}  # a speed needs no learning: the chance guard leaves these alone
+CLAIM_KEYS = {"id", "paper_claim", "title", "metric", "axis", "a", "b", "effect", "paper", "tune", "fixed", "note",
+              "margin", "regime", "paper_marks"}
+REGIMES = ("learning", "overfitting")  # overfitting: testable only where the unregularised side a over-fits
 
 
 @dataclass(frozen=True)
@@ -50,3 +56,46 @@ def claim_from_table(c: dict[str, Any]) -> Claim:
                  metric=c["metric"], axis=c["axis"], a=c["a"], b=c["b"], effect=c["effect"], paper=c.get("paper"),
                  tune=c.get("tune"), fixed=tuple(sorted((c.get("fixed") or {}).items())), margin=c.get("margin"),
                  regime=c.get("regime") or "learning")
+
+
+def check_claim(claim: Any, i: int, where: str, axis_values: dict[str, list]) -> dict[str, Any]:
+    """claims[i] of a grid file, checked against the grid's axes, with its defaults filled in; one UserError that
+    names the key otherwise."""
+    at = f"{where}: claims[{i}]"
+    check_table(claim, where, f"claims[{i}]")
+    no_unknown(claim, CLAIM_KEYS, at, "claim key")
+    for key in ("id", "metric", "axis", "a", "b", "effect"):
+        if key not in claim:
+            raise UserError(f"{at}: missing {key!r}; a claim needs id, metric, axis, a, b, effect")
+    if claim["axis"] not in axis_values:
+        raise UserError(f"{at}: axis {claim['axis']!r} is not an axis of this grid ({', '.join(axis_values)})")
+    for side in ("a", "b"):
+        if claim[side] not in axis_values[claim["axis"]]:
+            raise UserError(f"{at}: {side} = {claim[side]!r} is not a value of axis {claim['axis']!r} "
+                            f"({axis_values[claim['axis']]!r})")
+    if claim["effect"] not in ("ratio", "difference"):
+        raise UserError(f"{at}: effect must be 'ratio' or 'difference', got {claim['effect']!r}")
+    marks = claim.get("paper_marks", {})
+    if not isinstance(marks, dict) or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not v == v
+                                          for v in marks.values()):
+        raise UserError(f"{at}: paper_marks must be a table of numbers (the paper's value per side, e.g. "
+                        f"{{relu = 6, tanh = 35}}), got {marks!r}")
+    if claim.get("regime", "learning") not in REGIMES:
+        raise UserError(f"{at}: regime must be one of {', '.join(REGIMES)}, got {claim['regime']!r}")
+    if "tune" in claim and claim["tune"] not in axis_values:
+        raise UserError(f"{at}: tune axis {claim['tune']!r} is not an axis of this grid")
+    if claim.get("tune") and str(claim["metric"]).startswith("test_"):
+        raise UserError(f"{at}: a tuned claim on {claim['metric']} would choose its {claim['tune']} on test data; "
+                        f"choose on validation data with a [tune] table (metric = \"val_error\") and no claim tune")
+    if "paper" in claim and (not isinstance(claim["paper"], (int, float)) or isinstance(claim["paper"], bool)):
+        raise UserError(f"{at}: paper must be a number (omit it when the paper gives none)")
+    if "margin" in claim:
+        margin = claim["margin"]
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin <= 0 or "paper" in claim:
+            raise UserError(f"{at}: margin (an equivalence test: a and b differ by less than it) must be a number "
+                            f"> 0, and a claim has a paper number or a margin, not both; got {margin!r}")
+    out = dict(claim)
+    out.setdefault("paper_claim", claim["id"])
+    out.setdefault("title", claim["id"])
+    out.setdefault("paper", None)
+    return out

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ablations.errors import UserError
+from ablations.claims import check_claim
+from ablations.errors import UserError, check_table, no_unknown
 from ablations.choices import DECAY_ON, DROPOUT_AT
 from ablations.models import ACTIVATIONS, ARCHS, INITS, POOLINGS, TOWERS, ModelSpec, validate
 from ablations.spec import AUGMENT, DATASETS, PRECISIONS, PREPROCESS, SCHEDULES, RunSpec
@@ -70,9 +71,6 @@ UPPER: dict[str, float] = {"dropout": 0.99, "momentum": 0.999, "epochs": 10_000,
                            "plateau_patience": 10_000, "max_lr_drops": 100, "early_stop_below": 1e6,
                            "loss_target": 1e6, "seed": 2 ** 31 - 1}
 MAX_SEEDS = 1000
-CLAIM_KEYS = {"id", "paper_claim", "title", "metric", "axis", "a", "b", "effect", "paper", "tune", "fixed", "note",
-              "margin", "regime", "paper_marks"}
-REGIMES = ("learning", "overfitting")  # overfitting: testable only where the unregularised side a over-fits
 TOP_KEYS = {"title", "description", "seeds", "run", "axes", "zip", "early_stop", "budgets", "claims", "loss_target",
             "tune", "tests_paper"}
 TUNE_KEYS = {"axis", "metric", "seeds"}
@@ -144,14 +142,14 @@ def parse_grid(name: str, path: Path) -> Grid:
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
     where = str(path)
-    _no_unknown(raw, TOP_KEYS, where, "top-level key")
+    no_unknown(raw, TOP_KEYS, where, "top-level key")
     base = dict(raw.get("run", {}))
-    _check_table(base, where, "run")
+    check_table(base, where, "run")
     for key, value in base.items():
         check_value(key, value, f"{where}: run.{key}")
     if "early_stop" in raw:
         es = raw["early_stop"]
-        _no_unknown(es, {"metric", "below"}, where, "early_stop key")
+        no_unknown(es, {"metric", "below"}, where, "early_stop key")
         base["early_stop_metric"] = es.get("metric", "")
         base["early_stop_below"] = es.get("below", 0.0)
         check_value("early_stop_metric", base["early_stop_metric"], f"{where}: early_stop.metric")
@@ -161,14 +159,14 @@ def parse_grid(name: str, path: Path) -> Grid:
         base["loss_target"] = raw["loss_target"]
 
     axes = raw.get("axes", {})
-    _check_table(axes, where, "axes")
+    check_table(axes, where, "axes")
     for key, values in axes.items():
         _check_axis(key, values, f"{where}: axes.{key}")
     zips = raw.get("zip", {})
-    _check_table(zips, where, "zip")
+    check_table(zips, where, "zip")
     seen = set(axes)
     for zname, group in zips.items():
-        _check_table(group, where, f"zip.{zname}")
+        check_table(group, where, f"zip.{zname}")
         if not group:
             raise UserError(f"{where}: zip.{zname} is empty; give it at least one key with a list of values")
         lengths = {len(v) if isinstance(v, list) else -1 for v in group.values()}
@@ -189,8 +187,8 @@ def parse_grid(name: str, path: Path) -> Grid:
     _check_seeds(seeds, f"{where}: seeds")
     tune = raw.get("tune")
     if tune is not None:
-        _check_table(tune, where, "tune")
-        _no_unknown(tune, TUNE_KEYS, where, "tune key")
+        check_table(tune, where, "tune")
+        no_unknown(tune, TUNE_KEYS, where, "tune key")
         if tune.get("axis") not in axes:
             raise UserError(f"{where}: tune.axis must name a Cartesian axis of this grid ({', '.join(axes)}), "
                             f"got {tune.get('axis')!r}")
@@ -203,9 +201,9 @@ def parse_grid(name: str, path: Path) -> Grid:
                             f"effect is estimated on runs that did not choose the setting")
 
     budgets = raw.get("budgets", {})
-    _check_table(budgets, where, "budgets")
+    check_table(budgets, where, "budgets")
     for bname, table in budgets.items():
-        _check_table(table, where, f"budgets.{bname}")
+        check_table(table, where, f"budgets.{bname}")
         for key, value in table.items():
             if key == "seeds":
                 _check_seeds(value, f"{where}: budgets.{bname}.seeds")
@@ -214,7 +212,7 @@ def parse_grid(name: str, path: Path) -> Grid:
                                     f"differ from selection seeds")
                 continue
             if key == "axes":  # a budget may sweep fewer values of an existing Cartesian axis
-                _check_table(value, where, f"budgets.{bname}.axes")
+                check_table(value, where, f"budgets.{bname}.axes")
                 for axis, values in value.items():
                     if axis not in axes:
                         raise UserError(f"{where}: budgets.{bname}.axes.{axis} is not a Cartesian axis of this grid")
@@ -226,7 +224,7 @@ def parse_grid(name: str, path: Path) -> Grid:
         raise UserError(f"{where}: the grid sets nothing (no [run], [axes] or [zip] table); a grid needs at least "
                         f"a [run] table, e.g. [run] arch = \"convnet4\"")
     axis_values = {**axes, **{k: v for g in zips.values() for k, v in g.items()}}
-    claims = tuple(_check_claim(c, i, where, axis_values) for i, c in enumerate(raw.get("claims", [])))
+    claims = tuple(check_claim(c, i, where, axis_values) for i, c in enumerate(raw.get("claims", [])))
     return Grid(name=name, path=path, title=raw.get("title", name), description=raw.get("description", ""),
                 seeds=tuple(seeds), base=base, axes=axes, zips=zips, budgets=budgets, claims=claims,
                 tune=dict(tune) if tune is not None else None, tests_paper=_flag(raw, "tests_paper", where))
@@ -246,17 +244,6 @@ def _check_seeds(seeds: Any, where: str) -> None:
         raise UserError(f"{where}: expected a non-empty list of distinct non-negative integers, got {seeds!r}")
     if len(seeds) > MAX_SEEDS or max(seeds) > UPPER["seed"]:
         raise UserError(f"{where}: at most {MAX_SEEDS} seeds, each below 2^31, got {len(seeds)} up to {max(seeds)}")
-
-
-def _no_unknown(table: dict, allowed: set[str], where: str, what: str) -> None:
-    for key in table:
-        if key not in allowed:
-            raise UserError(f"{where}: unknown {what} {key!r}; expected one of {', '.join(sorted(allowed))}")
-
-
-def _check_table(value: Any, where: str, key: str) -> None:
-    if not isinstance(value, dict):
-        raise UserError(f"{where}: {key} must be a table, got {type(value).__name__}")
 
 
 def _check_axis(key: str, values: Any, where: str, label: bool = False, distinct: bool = True) -> None:
@@ -297,47 +284,6 @@ def check_value(key: str, value: Any, where: str) -> Any:
     if key in UPPER and value > UPPER[key]:
         raise UserError(f"{where}: {key} must be <= {UPPER[key]:g}, got {value!r}")
     return float(value) if kind == "float" else value
-
-
-def _check_claim(claim: Any, i: int, where: str, axis_values: dict[str, list]) -> dict[str, Any]:
-    at = f"{where}: claims[{i}]"
-    _check_table(claim, where, f"claims[{i}]")
-    _no_unknown(claim, CLAIM_KEYS, at, "claim key")
-    for key in ("id", "metric", "axis", "a", "b", "effect"):
-        if key not in claim:
-            raise UserError(f"{at}: missing {key!r}; a claim needs id, metric, axis, a, b, effect")
-    if claim["axis"] not in axis_values:
-        raise UserError(f"{at}: axis {claim['axis']!r} is not an axis of this grid ({', '.join(axis_values)})")
-    for side in ("a", "b"):
-        if claim[side] not in axis_values[claim["axis"]]:
-            raise UserError(f"{at}: {side} = {claim[side]!r} is not a value of axis {claim['axis']!r} "
-                            f"({axis_values[claim['axis']]!r})")
-    if claim["effect"] not in ("ratio", "difference"):
-        raise UserError(f"{at}: effect must be 'ratio' or 'difference', got {claim['effect']!r}")
-    marks = claim.get("paper_marks", {})
-    if not isinstance(marks, dict) or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not v == v
-                                          for v in marks.values()):
-        raise UserError(f"{at}: paper_marks must be a table of numbers (the paper's value per side, e.g. "
-                        f"{{relu = 6, tanh = 35}}), got {marks!r}")
-    if claim.get("regime", "learning") not in REGIMES:
-        raise UserError(f"{at}: regime must be one of {', '.join(REGIMES)}, got {claim['regime']!r}")
-    if "tune" in claim and claim["tune"] not in axis_values:
-        raise UserError(f"{at}: tune axis {claim['tune']!r} is not an axis of this grid")
-    if claim.get("tune") and str(claim["metric"]).startswith("test_"):
-        raise UserError(f"{at}: a tuned claim on {claim['metric']} would choose its {claim['tune']} on test data; "
-                        f"choose on validation data with a [tune] table (metric = \"val_error\") and no claim tune")
-    if "paper" in claim and (not isinstance(claim["paper"], (int, float)) or isinstance(claim["paper"], bool)):
-        raise UserError(f"{at}: paper must be a number (omit it when the paper gives none)")
-    if "margin" in claim:
-        margin = claim["margin"]
-        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin <= 0 or "paper" in claim:
-            raise UserError(f"{at}: margin (an equivalence test: a and b differ by less than it) must be a number "
-                            f"> 0, and a claim has a paper number or a margin, not both; got {margin!r}")
-    out = dict(claim)
-    out.setdefault("paper_claim", claim["id"])
-    out.setdefault("title", claim["id"])
-    out.setdefault("paper", None)
-    return out
 
 
 AXIS_PREFIX = "axes."  # an override `axes.NAME=[...]` replaces the values of a Cartesian axis
