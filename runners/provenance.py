@@ -20,11 +20,14 @@ def suite_version() -> str:
 
 @functools.cache
 def git_state() -> tuple[str, bool | None]:
-    """(full commit hash, whether tracked files differ from it); ("", None) outside a git checkout."""
+    """(full commit hash, whether tracked code differs from it); ("", None) outside a git checkout. The results
+    folders are left out of the comparison: runs rewrite their own tracked aggregates as they finish, which says
+    nothing about the code that made them."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        return (commit, bool(git("status", "--porcelain", "--untracked-files=no"))) if commit else ("", None)
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+        return (commit, bool(changed)) if commit else ("", None)
     except (OSError, subprocess.SubprocessError):
         return "", None
