@@ -94,8 +94,10 @@ def load_grid(results_dir: Path, name: str) -> GridResults:
     meta = _read_meta(gdir / "grid.json", name, rerun)
     run_folders = [p for p in (gdir / "runs").glob("*/")] if (gdir / "runs").is_dir() else []
     if not (gdir / "runs.csv").exists():
-        if run_folders:
-            raise UserError(f"{gdir / 'runs.csv'} is missing but {len(run_folders)} run folders exist; {rerun}")
+        finished = [p for p in run_folders if (p / "summary.json").is_file()]
+        if finished:  # unfinished runs (a grid still training its first runs) have no aggregate row yet
+            raise UserError(f"{gdir / 'runs.csv'} is missing but {len(finished)} run folders exist (finished runs, in "
+                            f"no aggregate); {rerun}")
         return GridResults(name, gdir, meta, pd.DataFrame(columns=RUN_KEYS), pd.DataFrame(columns=EPOCH_KEYS))
     runs = _read_csv(gdir / "runs.csv", [*RUN_KEYS, *[a for a in meta.get("axes", [])]], rerun)
     epochs = _read_csv(gdir / "epochs.csv", EPOCH_KEYS, rerun)

@@ -307,6 +307,7 @@ def test_truncated_or_missing_runs_csv_is_a_clear_error(tmp_path):
         load_results(tmp_path)
     (gdir / "runs.csv").unlink()
     (gdir / "runs" / "abc123").mkdir(parents=True)
+    (gdir / "runs" / "abc123" / "summary.json").write_text("{}")  # a finished run that no aggregate lists
     with pytest.raises(UserError, match=r"runs\.csv is missing but 1 run folders exist.*ablate run --grid lrn"):
         load_results(tmp_path)
     with pytest.raises(UserError, match=r"no results for grid 'nope'.*grids with results: lrn"):
@@ -605,3 +606,12 @@ def test_a_run_the_grid_file_no_longer_defines_is_left_out(tmp_path):
     grid = load_grid(tmp_path, "lrn")
     assert "lrn0000" not in set(grid.runs.run_id) and len(grid.runs) == 3
     assert any("1 runs made with other settings than the grid file defines" in n for n in grid.notes)
+
+
+def test_a_grid_still_training_its_first_runs_is_reported_as_no_runs_yet(tmp_path):
+    gdir = write_grid(tmp_path, "lrn", lrn_runs(range(2), 1.0), [LRN_CLAIM], target=None)
+    (gdir / "runs.csv").unlink()
+    (gdir / "epochs.csv").unlink()
+    (gdir / "runs" / "abc123").mkdir(parents=True)  # a run in progress: a folder, no summary yet
+    (grid,) = load_results(tmp_path)
+    assert grid.runs.empty
