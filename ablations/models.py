@@ -390,20 +390,34 @@ def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padd
 
 
 @functools.lru_cache(maxsize=None)
-def train_flops_per_image(spec: ModelSpec) -> int:
-    """Forward + backward FLOPs of one 3x32x32 image, as FlopCounterMode counts them (convs and matmuls only).
+def count_flops_per_image(make_model: Callable[[], nn.Module], train: bool = True) -> int:
+    """FLOPs of one 3x32x32 image through make_model()'s net, forward (+ backward when `train`), as FlopCounterMode
+    counts them (convs and matmuls only), with a grouped convolution's backward counted per group
+    (_conv_backward_flops). The one FLOP counter of the suite: the bench's rates and the runs' records use it.
 
     Built and run on the meta device: shapes only, no arithmetic, so it costs milliseconds at any width."""
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = 2
     with torch.device("meta"):
-        model = build_model(spec)
+        model = make_model()
         x = torch.zeros(batch, *IMAGE_SHAPE)
     mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model(x).sum().backward()
+        out = model(x)
+        if train:
+            out.sum().backward()
     return counter.get_total_flops() // batch
+
+
+def train_flops_per_image(spec: ModelSpec) -> int:
+    """Forward + backward FLOPs of one image through the family's net for `spec`."""
+    return count_flops_per_image(lambda: build_model(spec), train=True)
+
+
+def forward_flops_per_image(spec: ModelSpec) -> int:
+    """Forward FLOPs of one image (one test crop) through the family's net for `spec`."""
+    return count_flops_per_image(lambda: build_model(spec), train=False)
 
 
 def _lrn_lines(model: nn.Module) -> list[str]:

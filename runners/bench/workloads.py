@@ -15,9 +15,9 @@ from typing import Callable, Iterator
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-from ablations.models import ModelSpec, build_model, train_flops_per_image
+from ablations.models import (ModelSpec, build_model, count_flops_per_image, forward_flops_per_image,
+                              train_flops_per_image)
 from ablations.spec import RunSpec
 from runners.augment import (
     BatchAugmenter,
@@ -53,29 +53,13 @@ CSV_COLUMNS = (
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# FLOP counts (convs and matmuls, as FlopCounterMode counts them; the same convention as train_flops_per_image)
-
-
-def _count_flops(make_model: Callable[[], torch.nn.Module], train: bool) -> int:
-    batch = 2
-    with torch.device("meta"):
-        model = make_model()
-        x = torch.zeros(batch, 3, 32, 32)
-    with FlopCounterMode(display=False) as counter:
-        out = model(x)
-        if train:
-            out.sum().backward()
-    return counter.get_total_flops() // batch
+# FLOP counts: the model family's counter (ablations/models.py), for the reference net too
 
 
 def reference_flops_per_image(train: bool = True) -> int:
     from runners.reference import AlexNet
 
-    return _count_flops(AlexNet, train)
-
-
-def forward_flops_per_image(spec: ModelSpec) -> int:
-    return _count_flops(lambda: build_model(spec), train=False)
+    return count_flops_per_image(AlexNet, train)
 
 
 # ---------------------------------------------------------------------------------------------------------------
