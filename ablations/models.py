@@ -389,7 +389,6 @@ def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padd
     return conv_flop_count(x_shape, w_shape, grad_out_shape) * (int(output_mask[0]) + int(output_mask[1]))
 
 
-@functools.lru_cache(maxsize=None)
 def count_flops_per_image(make_model: Callable[[], nn.Module], train: bool = True) -> int:
     """FLOPs of one 3x32x32 image through make_model()'s net, forward (+ backward when `train`), as FlopCounterMode
     counts them (convs and matmuls only), with a grouped convolution's backward counted per group
@@ -410,6 +409,7 @@ def count_flops_per_image(make_model: Callable[[], nn.Module], train: bool = Tru
     return counter.get_total_flops() // batch
 
 
+@functools.lru_cache(maxsize=None)
 def train_flops_per_image(spec: ModelSpec) -> int:
     """Forward + backward FLOPs of one image through the family's net for `spec`."""
     return count_flops_per_image(lambda: build_model(spec), train=True)
