@@ -106,23 +106,11 @@ def normalize_into(out: torch.Tensor, x: torch.Tensor, mode: str, stats: InputSt
     return out.sub_(stats.channel_mean[:, None, None]).div_(stats.channel_std[:, None, None])  # (B, 3, H, W)
 
 
-def pca_lighting(x: torch.Tensor, stats: InputStats, gen: torch.Generator, std: float = 0.1,
-                 scale: float = PCA_SCALE, mode: str = "paper") -> torch.Tensor:
-    """Paper §4.1 "fancy PCA": add eigvecs @ (alpha * eigvals) to every pixel, alpha ~ N(0, std) per image.
-
-    The formula is evaluated on pixels of `scale` x 0-255 (see PCA_SCALE); that offset is scale * eigvecs @
-    (alpha * eigvals) in 0-255 units. `x` is a batch already normalised with `mode` (B, 3, H, W), so the offset
-    goes through the same per-channel division as `normalize`: none for `paper` (also right for raw 0-255
-    floats), / channel_std for `standard`. Draws one randn((B, 3)) from `gen`.
-    """
-    _check_mode(mode)
-    alpha = torch.randn(x.shape[0], 3, generator=gen, device=x.device) * std  # (B, 3)
-    return shift_lighting(x, alpha, stats, scale, mode)
-
-
 def shift_lighting(x: torch.Tensor, alpha: torch.Tensor, stats: InputStats, scale: float = PCA_SCALE,
                    mode: str = "paper") -> torch.Tensor:
-    """pca_lighting's shift for given draws alpha (B, 3)."""
+    """Paper §4.1 "fancy PCA" for given draws alpha (B, 3), alpha ~ N(0, 0.1) per image: add eigvecs @ (alpha *
+    eigvals) to every pixel, evaluated on pixels of PCA_SCALE x 0-255 and passed through the same per-channel
+    division as `normalize` (none for `paper`, / channel_std for `standard`)."""
     return x + lighting_offset(alpha, stats, scale, mode)[:, :, None, None]  # (B, 3, H, W)
 
 
@@ -133,30 +121,15 @@ def lighting_offset(alpha: torch.Tensor, stats: InputStats, scale: float = PCA_S
     return offset / stats.channel_std if mode == "standard" else offset
 
 
-def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right with probability 0.5. Draws one rand((B,)) from `gen`."""
-    return flip_where(x, torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5)
-
-
 def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Mirror the images where flip (B,) bool is set."""
     return torch.where(flip[:, None, None, None], x.flip(3), x)  # (B, C, H, W)
 
 
-def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `pad`, then cut an HxW window at a per-image offset in [0, 2*pad]^2 (random translation).
-
-    Zero padding is the mean because x is already normalised. The windows are one strided view (unfold), and a
-    single advanced index copies each image's window: no loop (faster on CPU than a loop over the 81 offsets,
-    measured). Draws one randint((2, B)) from `gen`: row offsets, then column offsets.
-    """
-    if pad == 0:
-        return x
-    return crop_at(x, pad, torch.randint(0, 2 * pad + 1, (2, x.shape[0]), generator=gen, device=x.device))
-
-
 def crop_at(x: torch.Tensor, pad: int, off: torch.Tensor) -> torch.Tensor:
-    """random_crop's window for given offsets off (2, B): row offsets, then column offsets."""
+    """Random translation for given offsets off (2, B) in [0, 2*pad] (row offsets, then column offsets): zero-pad by
+    `pad` (zero is the mean: x is normalised) and cut each image's HxW window, through one strided view (unfold)
+    and one advanced index, no loop."""
     b, _, h, w = x.shape
     windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)  # (B, C, 2p+1, 2p+1, H, W) view
     return windows[torch.arange(b, device=x.device), :, off[0], off[1]]  # (B, C, H, W)
@@ -184,7 +157,7 @@ class BatchAugmenter:
 
     def draw(self, b: int, gen: torch.Generator, device: torch.device):
         """A batch's random numbers, in the pipeline's order: PCA alphas (B, 3), crop offsets (2, B), flips (B,);
-        None for an op the level leaves out. The same draws as pca_lighting, random_crop and random_flip."""
+        None for an op the level leaves out. The same draws as the one-op-at-a-time definitions in tests/augment_reference.py."""
         alpha = torch.randn(b, 3, generator=gen, device=device) * self.pca_std if "pca" in self.ops else None
         off = torch.randint(0, 2 * self.pad + 1, (2, b), generator=gen, device=device) \
             if "crop" in self.ops and self.pad else None

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from ablations.errors import UserError
 from runners.augment import (AUGMENT_LEVELS, PCA_SCALE, PREPROCESS, BatchAugmenter, InputStats, augment,
-                             compose_augment, compute_input_stats, normalize, pca_lighting, random_crop, random_flip,
-                             ten_crop_logits, ten_crop_views)
+                             compose_augment, compute_input_stats, normalize, ten_crop_logits, ten_crop_views)
+from tests.augment_reference import pca_lighting, random_crop, random_flip
 
 
 def gen(seed: int = 0) -> torch.Generator:
