@@ -313,7 +313,8 @@ def _run_grid(grid: str, settings: tuple[str, ...], budget: str, seeds: str | No
     """One grid of `ablate run`; returns its exit code."""
     from pathlib import Path
 
-    from runners.execute import plan, run_grid
+    from runners.execute import run_grid
+    from runners.launch import GridRequest, plan
     from runners.progress import make_reporter
     from runners.store import Store
 
@@ -352,29 +353,26 @@ def _run_grid(grid: str, settings: tuple[str, ...], budget: str, seeds: str | No
         from runners.cost import check_cost
         Store(Path(results)).check_writable()
         check_cost(grid, budget, overrides, seed_list, device, Path(results))
+    request = GridRequest(grid, Path(results), budget, overrides, seed_list, data_path, device, not no_wait, options)
     reporter = None
     try:
         if nnodes > 1:
-
             from runners.ddp import Nodes, follow_grid
-            nodes = Nodes.of(options)
+            Nodes.of(options)  # a bad --rdzv: one error before anything starts
             if node_rank > 0:
-                failed = follow_grid(grid, Path(results), budget, overrides, seed_list, data_path, device, nodes,
-                                     say=click.echo)
-                click.echo(f"node {node_rank}: joined every multi-device run; {failed} failed on this node")
-                return 3 if failed else 0
+                outcome = follow_grid(request, say=click.echo)
+                click.echo(f"node {node_rank}: joined every multi-device run; {len(outcome.failed)} failed on this "
+                           f"node")
+                return outcome.exit_code
         if jobs > 1:
             from runners.executors import run_jobs
-            return run_jobs(jobs, grid, Path(results), budget, overrides, seed_list, data_path, device,
-                            not no_wait, say=click.echo, options=options)
+            return run_jobs(request, jobs, say=click.echo).exit_code
         reporter = make_reporter(None if not plain and executor == "local" else False)  # Ray relays plain lines
         if executor == "ray":
             from runners.executors import run_grid_ray
-            outcome = run_grid_ray(grid, Path(results), budget, overrides, seed_list, data_path, device, reporter,
-                                   address, wait_for_others=not no_wait, options=options)
+            outcome = run_grid_ray(request, reporter, address)
         else:
-            outcome = run_grid(grid, Path(results), budget, overrides, seed_list, data_path, device, reporter,
-                               wait_for_others=not no_wait, options=options)
+            outcome = run_grid(request, reporter)
     except KeyboardInterrupt as err:
         if reporter is not None:
             reporter.close()

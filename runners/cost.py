@@ -67,7 +67,7 @@ def estimate_rows(grid_name: str, budget: str, overrides: dict, seeds: list[int]
                   probe: bool, results: Path) -> dict:
     """The grid's runs with their estimates, for `ablate show --json` and the cost guard."""
     from ablations.grid import confirmation_count, expand
-    from runners.execute import plan
+    from runners.launch import plan
 
     store = Store(results)
     grid, specs = plan(grid_name, budget, dict(overrides), seeds, store)
@@ -107,7 +107,7 @@ def check_cost(grid_name: str, budget: str, overrides: dict, seeds: list[int] | 
 def estimate_table(grid_name: str, budget: str, overrides: dict, seeds: list[int] | None, device: str,
                    probe: bool, results: Path) -> Table:
     from ablations.grid import confirmation_count, expand
-    from runners.execute import plan
+    from runners.launch import plan
 
     store = Store(results)
     grid, specs = plan(grid_name, budget, overrides, seeds, store)

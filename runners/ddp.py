@@ -30,6 +30,7 @@ import torch
 from ablations.errors import UserError
 from ablations.spec import RunSpec
 from runners.ddp_worker import EPOCH_TAG
+from runners.launch import GridOutcome, GridRequest, plan
 from runners.store import RunFolder, Store
 from runners.train import CHECKPOINT_SECONDS, RunResult, TrainOptions, pick_device
 
@@ -173,29 +174,28 @@ def _rows(folder: RunFolder) -> list[dict]:
         return []
 
 
-def follow_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict | None = None,
-                seeds: list[int] | None = None, data_dir: Path | None = None, device: str = "auto",
-                nodes: Nodes = Nodes(), say: Callable[[str], None] = print) -> int:
+def follow_grid(request: GridRequest, say: Callable[[str], None] = print) -> GridOutcome:
     """Node R > 0 of a multi-node grid: join node 0's multi-device runs, in grid order, once each (node 0 moves
     on after a failed run too, so a retry here would wait for a run node 0 no longer starts). Runs already
     done in the shared results folder are skipped, as node 0 skips them. Takes no lock and writes nothing.
-    Returns the number of joined runs whose launcher failed on this node."""
-    from runners.execute import plan
-
-    grid, specs = plan(grid_name, budget, overrides, seeds)
-    store = Store(Path(results))
-    dev = pick_device(device)
+    The outcome's trained and failed runs are the joined runs whose launcher succeeded or failed on this node."""
+    r = request
+    nodes = Nodes.of(r.options)
+    grid, specs = plan(r.grid, r.budget, r.overrides, r.seeds)
+    store = Store(Path(r.results))
+    dev = pick_device(r.device)
     multi = [s for s in specs if s.devices > 1]
     say(f"node {nodes.node_rank} of {nodes.nnodes}: joining the {len(multi)} multi-device runs of grid "
         f"{grid.name} at {nodes.rdzv}")
-    failed = 0
+    outcome = GridOutcome(grid.name, len(multi))
     for spec in multi:
         if store.is_done(grid.name, spec.run_id):
+            outcome.skipped.append(spec.run_id)
             continue
         say(f"join run {spec.run_id} " + " ".join(f"{k}={v}" for k, v in spec.axes) + f" seed={spec.seed}")
         threads = max(1, torch.get_num_threads() // nodes.per_node(spec.devices))
-        cmd = torchrun_command(spec, store.run_dir(grid.name, spec.run_id).resolve(), dev, data_dir, threads,
+        cmd = torchrun_command(spec, store.run_dir(grid.name, spec.run_id).resolve(), dev, r.data_dir, threads,
                                nodes, {})
         rc, _ = run_torchrun(cmd, threads, lambda row: None)
-        failed += rc != 0
-    return failed
+        (outcome.failed if rc != 0 else outcome.trained).append(spec.run_id)
+    return outcome

@@ -4,79 +4,26 @@ Safe to run twice at once on the same results folder: the run locks decide who t
 aggregates are regenerated under a grid lock. Safe to kill at any moment: rerun the same command."""
 from __future__ import annotations
 
-import math
 import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ablations.choices import FINISHED
 from ablations.errors import UserError
-from ablations.grid import Grid, expand, load_grid
-from ablations.tune import pick
+from ablations.grid import Grid
 from ablations.spec import RunSpec
 from runners.data import load_dataset, resolve_data_dir
 from runners.progress import PlainReporter
+from runners.ddp import launch_ddp_run
 from runners.faults import fault_point
 from runners.tblog import RunLog
 from runners.store import RunFolder, RunLock, Store, atomic_write_json, remove_stale_temps
+from runners.launch import GridOutcome, GridRequest, plan
 from runners.train import TrainOptions, check_data_fits, pick_device, train_run
-
-EXIT_OK, EXIT_FAILED_RUNS, EXIT_BUSY = 0, 3, 75
-
-
-@dataclass
-class GridOutcome:
-    grid: str
-    total: int
-    trained: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # finished before
-    busy: list[str] = field(default_factory=list)  # locked by another live process
-    failed: list[str] = field(default_factory=list)
-    diverged: list[str] = field(default_factory=list)
-    announced: set[str] = field(default_factory=set)  # busy runs already reported as waited for
-
-    @property
-    def exit_code(self) -> int:
-        if self.failed:
-            return EXIT_FAILED_RUNS
-        if self.busy:
-            return EXIT_BUSY
-        return EXIT_OK
-
-
-def plan(grid_name: str, budget: str = "gpu", overrides: dict | None = None,
-         seeds: list[int] | None = None, store: Store | None = None) -> tuple[Grid, list[RunSpec]]:
-    """The grid's runs. For a tuned grid, the confirmation runs of each cell whose selection runs are all done in
-    `store` (none without a store)."""
-    grid = load_grid(grid_name)
-    chooser = store_chooser(store, grid) if store is not None and grid.tune else None
-    return grid, expand(grid, budget=budget, overrides=overrides, seeds=seeds, chooser=chooser)
-
-
-def store_chooser(store: Store, grid: Grid) -> Callable[[list[RunSpec]], Any]:
-    """ablations/tune.pick over a cell's finished selection runs, or None while any of them is not done. A run that
-    never reached its target counts at its epoch cap; a diverged run never wins on an error metric."""
-    axis, metric = grid.tune["axis"], grid.tune["metric"]
-
-    def choose(specs: list[RunSpec]) -> Any:
-        scores = []
-        for s in specs:
-            summary = store.summary(grid.name, s.run_id)
-            if summary is None or summary.get("status") not in FINISHED:
-                return None
-            m = summary["metrics"]
-            value = m.get(metric)
-            if value is None or not math.isfinite(float(value)):
-                value = float(s.epochs) if metric == "epochs_to_target" else math.inf
-            scores.append((dict(s.axes)[axis], float(value), m.get("train_error")))
-        return pick(scores)
-    return choose
 
 
 def check_devices(specs: list[RunSpec], device: torch.device, nnodes: int = 1) -> None:
@@ -89,22 +36,22 @@ def check_devices(specs: list[RunSpec], device: torch.device, nnodes: int = 1) -
                         f"lower `devices` or run on a bigger machine")
 
 
-def run_grid(grid_name: str, results: Path, budget: str = "gpu", overrides: dict | None = None,
-             seeds: list[int] | None = None, data_dir: Path | None = None, device: str = "auto",
-             reporter: PlainReporter | None = None, command: str | None = None,
-             wait_for_others: bool = True, poll_s: float = 2.0,
-             options: TrainOptions = TrainOptions()) -> GridOutcome:
+def run_grid(request: GridRequest, reporter: PlainReporter | None = None, command: str | None = None,
+             poll_s: float = 2.0) -> GridOutcome:
     """Train every pending run of a grid into results/<grid>/ and regenerate the aggregates.
 
     Runs locked by another live process are waited for (or, with wait_for_others=False, left to it), so
     when this returns the grid is complete unless runs failed."""
+    r = request
+    grid_name, budget, overrides, seeds, device = r.grid, r.budget, r.overrides, r.seeds, r.device
+    wait_for_others, options = r.wait_for_others, r.options
     reporter = reporter or PlainReporter()
-    store = Store(Path(results))
+    store = Store(Path(r.results))
     grid, specs = plan(grid_name, budget, overrides, seeds, store)
     store.check_writable(grid.name)
     dev = pick_device(device)
     check_devices(specs, dev, options.nnodes)
-    data_dir = resolve_data_dir(data_dir)
+    data_dir = resolve_data_dir(r.data_dir)
     datasets = {name: load_dataset(name, data_dir) for name in sorted({s.dataset for s in specs})}
     for s in specs:  # before anything is written
         check_data_fits(s, datasets[s.dataset])
@@ -213,7 +160,6 @@ def train_one(spec: RunSpec, data, rdir: Path, dev: torch.device, context: dict[
 
     try:
         if spec.devices > 1:
-            from runners.ddp import launch_ddp_run
             result = launch_ddp_run(spec, rdir, dev, context, on_epoch, data_dir, options)
         else:
             result = _train_here(spec, data, rdir, dev, context, reporter, on_epoch, options.checkpoint_seconds)

@@ -19,10 +19,12 @@ from typing import Any, Callable
 
 import torch
 
+from ablations.choices import FINISHED
 from ablations.errors import UserError
 from ablations.spec import RunSpec
 from runners.ddp import stop_with_parent, worker_env, worker_pythonpath
-from runners.execute import GridOutcome, attempt_run, plan, write_grid_json
+from runners.execute import attempt_run, write_grid_json
+from runners.launch import GridOutcome, GridRequest, plan
 from runners.progress import PlainReporter
 from runners.store import Store
 from runners.train import RunResult, TrainOptions, pick_device
@@ -51,14 +53,17 @@ def job_command(grid: str, results: Path, budget: str, overrides: dict, seeds: l
     return cmd
 
 
-def run_jobs(jobs: int, grid: str, results: Path, budget: str = "gpu", overrides: dict | None = None,
-             seeds: list[int] | None = None, data_dir: Path | None = None, device: str = "auto",
-             wait_for_others: bool = True, say: Callable[[str], None] = print,
-             options: TrainOptions = TrainOptions()) -> int:
+def run_jobs(request: GridRequest, jobs: int, say: Callable[[str], None] = print) -> GridOutcome:
     """Train a grid with `jobs` processes at once on this machine, each with cores // jobs threads.
-    Their output is relayed line by line with a `[job k]` prefix. Returns the exit code that matters most."""
-    plan(grid, budget, overrides, seeds)  # a bad grid or option: one error here instead of one per job
-    Store(Path(results)).check_writable()
+    Their output is relayed line by line with a `[job k]` prefix. The outcome is read back from the store; its
+    exit code is the one among the jobs' that matters most."""
+    r = request
+    grid, results, budget, overrides, seeds = r.grid, Path(r.results), r.budget, r.overrides, r.seeds
+    data_dir, device, wait_for_others, options = r.data_dir, r.device, r.wait_for_others, r.options
+    g, specs = plan(grid, budget, overrides, seeds)  # a bad grid or option: one error here instead of one per job
+    store = Store(results)
+    store.check_writable()
+    before = {s.run_id for s in specs if store.is_done(g.name, s.run_id)}
     threads = max(1, (os.cpu_count() or 1) // jobs)
     cmd = job_command(grid, Path(results), budget, overrides or {}, seeds, data_dir, device, wait_for_others,
                       options)
@@ -87,7 +92,20 @@ def run_jobs(jobs: int, grid: str, results: Path, budget: str = "gpu", overrides
         raise
     for t in relays:
         t.join()
-    return next((c for c in EXIT_PRIORITY if c in codes), max(codes))
+    _, specs = plan(grid, budget, overrides, seeds, store)  # a tuned grid's confirmation runs now show
+    outcome = GridOutcome(g.name, len(specs), code=next((c for c in EXIT_PRIORITY if c in codes), max(codes)))
+    for s in specs:
+        summary = store.summary(g.name, s.run_id) or {}
+        status = summary.get("status")
+        if s.run_id in before:
+            outcome.skipped.append(s.run_id)
+        elif status == "failed":
+            outcome.failed.append(s.run_id)
+        elif status in FINISHED:
+            outcome.trained.append(s.run_id)
+            if status == "diverged":
+                outcome.diverged.append(s.run_id)
+    return outcome
 
 
 # ---------------------------------------------------------------- Ray
@@ -140,20 +158,20 @@ class _RecordingReporter(PlainReporter):
         self.result = result
 
 
-def run_grid_ray(grid_name: str, results: Path, budget: str = "gpu", overrides: dict | None = None,
-                 seeds: list[int] | None = None, data_dir: Path | None = None, device: str = "auto",
-                 reporter: PlainReporter | None = None, address: str | None = None, command: str | None = None,
-                 wait_for_others: bool = True, poll_s: float = 2.0,
-                 options: TrainOptions = TrainOptions()) -> GridOutcome:
+def run_grid_ray(request: GridRequest, reporter: PlainReporter | None = None, address: str | None = None,
+                 command: str | None = None, poll_s: float = 2.0) -> GridOutcome:
     """Every pending run of a grid as a Ray task asking for the run's resources, on the cluster at `address`
     or on a local Ray instance. The results folder must be shared by every node (same path); each node needs
     the package installed and the data cache (--data-dir, $ABLATE_DATA or the default)."""
     ray = _import_ray()
     from runners.data import load_dataset, resolve_data_dir
 
+    r = request
+    grid_name, budget, overrides, seeds, data_dir, device = r.grid, r.budget, r.overrides, r.seeds, r.data_dir, r.device
+    wait_for_others, options = r.wait_for_others, r.options
     reporter = reporter or PlainReporter()
     grid, specs = plan(grid_name, budget, overrides, seeds)
-    store = Store(Path(results).resolve())
+    store = Store(Path(r.results).resolve())
     store.check_writable()
     datasets = {name: load_dataset(name, data_dir) for name in sorted({s.dataset for s in specs})}
     write_grid_json(store, grid, specs, budget, overrides, datasets, command)

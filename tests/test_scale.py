@@ -18,7 +18,8 @@ from ablations.spec import RunSpec
 from runners.cli import main
 from runners.data import load_dataset
 from runners.ddp import Nodes, launch_ddp_run, torchrun_command
-from runners.execute import GridOutcome, attempt_run
+from runners.execute import attempt_run
+from runners.launch import GridOutcome
 from runners.progress import PlainReporter
 from runners.store import Store
 from runners.train import TrainOptions, train_run

@@ -9,7 +9,7 @@ import pandas as pd
 from click.testing import CliRunner
 
 from runners.cli import main
-from runners.execute import plan
+from runners.launch import plan
 from runners.store import RunLock, load_checkpoint
 from tests.reliability.conftest import DIVERGING_GRID, kill_grid_args
 from tests.reliability.harness import ablate, assert_same_results, epochs_trained, finished_runs, hold_lock, \

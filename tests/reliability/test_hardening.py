@@ -115,7 +115,7 @@ def test_non_finite_numbers_and_empty_grids_are_refused(tmp_path, text, message)
 
 
 def test_a_waiting_process_says_once_what_it_waits_for(tmp_path, data_dir):
-    from runners.execute import plan
+    from runners.launch import plan
     from tests.reliability.conftest import kill_grid_args
     from tests.reliability.harness import start, wait_for
     out = tmp_path / "out"
