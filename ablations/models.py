@@ -60,7 +60,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 # input (the window's argmax, or none when the max is not positive). alexnet pools first where nothing sits
 # between the two: ReLU and its backward then touch a quarter of the pixels. Not for the others: leaky_relu's
 # rounded 0.01x and tanh can tie distinct inputs, which moves the argmax, so their gradients would differ
-# (tests/test_models.py); they keep the paper's order.
+# (tests/unit/test_models.py); they keep the paper's order.
 POOL_FIRST: frozenset[str] = frozenset({"relu"})
 
 # layer name -> (weight std, bias start value). Paper §5 for alexnet: W ~ N(0, 0.01), biases 1 in conv2, conv4,

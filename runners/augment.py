@@ -169,7 +169,7 @@ class BatchAugmenter:
         """uint8 (B, 3, H, W) -> augmented float32 (B, 3, H, W) in `memory_format`.
 
         compiled=True runs the same maths as one torch.compile'd CPU kernel, faster at the crop levels
-        (`ablate bench`'s pipeline rows), the same numbers bit for bit (tests/test_augment.py). Compiling
+        (`ablate bench`'s pipeline rows), the same numbers bit for bit (tests/unit/test_augment.py). Compiling
         costs seconds once per process, so train_run turns it on for runs big enough to repay it. Only batches
         of the first compiled size use it (no recompiling for an epoch's shorter last batch); if compiling
         fails (no C++ compiler, say) it warns once and runs eagerly."""

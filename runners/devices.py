@@ -24,7 +24,7 @@ def keep_freed_memory() -> bool:
 
     By default, large freed blocks (activations) are unmapped or trimmed and faulted back in page by page
     (4 KB) at the next allocation, and a step frees and reallocates the same buffers every time: thousands
-    of page faults per smoke run (tests/test_run.py shows the effect on a 4 MB buffer). CPU training guides
+    of page faults per smoke run (tests/e2e/test_run.py shows the effect on a 4 MB buffer). CPU training guides
     suggest jemalloc or tcmalloc; this gets the same effect with no extra dependency. The cost is that the
     process keeps its peak memory. Linux/glibc only; elsewhere it does nothing."""
     if not sys.platform.startswith("linux"):

@@ -9,7 +9,7 @@ from tests.cifar_fixtures import generate, write_official
 
 torch.set_num_threads(1)  # tests are tiny: one thread is faster and deterministic on a shared 2-core machine
 # A checkpoint after every epoch, as the kill and resume tests expect (the default waits 30 s between them);
-# subprocesses inherit it. tests/test_run.py checks the default's sparser checkpoints.
+# subprocesses inherit it. tests/e2e/test_run.py checks the default's sparser checkpoints.
 os.environ["ABLATE_CHECKPOINT_SECONDS"] = "0"
 
 

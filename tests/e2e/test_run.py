@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from runners.cli import main
 from runners.store import AGGREGATE_EPOCH_COLUMNS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMING = ["epoch_seconds", "images_per_second", "cum_seconds", "wall_seconds", "train_seconds",
           "seconds_to_target", "threads", "host",
           "git_commit", "git_dirty"]  # where the code came from, not what it computed

@@ -34,5 +34,5 @@ def test_smoke_grid_runs_and_reports_on_generated_cifar100(tmp_path):
 
 
 def test_the_committed_report_says_cifar100_is_not_measured():
-    text = (Path(__file__).resolve().parents[1] / "results" / "report" / "REPORT.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "results" / "report" / "REPORT.md").read_text()
     assert "CIFAR-100: no verdict is measured yet" in text and "ablate data import cifar100" in text

@@ -1,0 +1,1 @@
+"""Unit tests: one module each, tiny generated data, the formulas checked against their definitions."""
