@@ -21,7 +21,8 @@ from runners.progress import PlainReporter
 from runners.ddp import launch_ddp_run
 from runners.faults import fault_point
 from runners.tblog import RunLog
-from runners.store import RunFolder, RunLock, Store, atomic_write_json, remove_stale_temps
+from runners.locks import RunLock
+from runners.store import RunFolder, Store, atomic_write_json, remove_stale_temps
 from runners.launch import GridOutcome, GridRequest, plan
 from runners.train import TrainOptions, check_data_fits, pick_device, train_run
 

@@ -1,4 +1,4 @@
-"""The results store: one folder per run, atomic writes, a lock per run, regenerated aggregates.
+"""The results store: one folder per run, atomic writes, regenerated aggregates (the locks: runners/locks.py).
 
 results/<grid>/runs/<run_id>/{spec.json, epochs.csv, summary.json, checkpoint.pt}
 results/<grid>/{grid.json, runs.csv, epochs.csv}   (aggregates: derived, regenerated, never hand-edited)
@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import csv
 import errno
-import fcntl
 import hashlib
 import io
 import json
 import math
 import os
-import socket
 import sys
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -29,6 +25,7 @@ import torch
 from ablations.choices import FINISHED
 from ablations.errors import UserError
 from runners.faults import fault_point
+from runners.locks import grid_lock, open_nofollow, pid_alive
 
 TMP_MARK = ".tmp"  # a write goes to .<name>.tmp<pid> first
 EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "clean_train_loss",
@@ -56,7 +53,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        with os.fdopen(_open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+        with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -79,7 +76,7 @@ def remove_stale_temps(folder: Path, names: tuple[str, ...] | None = None) -> No
     all), when their process is gone. Call it where no other process can be writing the same targets."""
     for tmp in Path(folder).glob(f".*{TMP_MARK}*"):
         target, _, pid = tmp.name[1:].rpartition(TMP_MARK)
-        if pid.isdigit() and (names is None or target in names) and not _pid_alive(int(pid)):
+        if pid.isdigit() and (names is None or target in names) and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
@@ -185,123 +182,6 @@ class RunFolder:
         self.write_curves(rows, trace)
         atomic_write_bytes(self.path / MODEL_PT, weights)
         atomic_write_json(self.path / SUMMARY_JSON, summary)
-
-
-# ---------------------------------------------------------------- locks
-
-@dataclass
-class RunLock:
-    """A run's lock: an exclusive `fcntl.flock` on results/<grid>/runs/<id>/run.lock.
-
-    The kernel releases a flock when its holder exits, however it exits, so a lock can never outlive its process
-    and a reused PID can never look like the holder; taking a free lock is one atomic flock call, so of any number
-    of processes exactly one wins. The file records who holds it (pid, host, process start time, since) for the
-    waiting message only. The lock file is opened with O_NOFOLLOW: a planted link is refused, never followed."""
-
-    path: Path
-    _fd: int | None = None
-
-    def acquire(self) -> bool:
-        while True:
-            fd = _open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            try:  # the file we locked must still be the one at the path (a releaser unlinks it)
-                here = os.stat(self.path, follow_symlinks=False)
-                mine = os.fstat(fd)
-                same = (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev)
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                                     "start": _start_time(os.getpid())}).encode())
-            self._fd = fd
-            return True
-
-    def heartbeat(self) -> None:
-        if self._fd is not None:
-            os.utime(self._fd)
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            here = os.stat(self.path, follow_symlinks=False)
-            mine = os.fstat(self._fd)
-            if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
-                self.path.unlink()
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(self._fd)
-            self._fd = None
-
-    def holder(self) -> str:
-        """Who holds the lock, in words, for a waiting process's message."""
-        try:
-            h = json.loads(self.path.read_text())
-            since = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(h.get("since", 0))))
-            return f"pid {h.get('pid')} on {h.get('host')} since {since}"
-        except (OSError, ValueError, TypeError):
-            return "another process"
-
-
-def _open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
-    """os.open that refuses a symlink at the path (the suite never makes one) with one clear line."""
-    try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UserError(f"{path} is a symbolic link, which the suite never creates; remove it and rerun "
-                            f"(results are never written through links)") from None
-        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise UserError(f"cannot write {path} ({err.strerror}); make the results folder writable or choose "
-                            f"another with --out") from None
-        raise
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), which tells a reused PID
-    from the process that wrote a record."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped) holds no lock
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-@contextmanager
-def grid_lock(grid_dir: Path) -> Iterator[None]:
-    """Serialises aggregate regeneration between processes sharing a grid folder."""
-    grid_dir.mkdir(parents=True, exist_ok=True)
-    fd = _open_nofollow(grid_dir / ".aggregate.lock", os.O_RDWR | os.O_CREAT)  # never truncated, never followed
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- the store

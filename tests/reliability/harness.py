@@ -147,7 +147,7 @@ def wait_for(predicate, timeout: float = 120, every: float = 0.01) -> bool:
 
 def hold_lock(path: Path, seconds: float) -> subprocess.Popen:
     """Another process that takes the run lock at `path` and holds it for `seconds` (returns once it holds it)."""
-    code = (f"from runners.store import RunLock; from pathlib import Path; import time; "
+    code = (f"from runners.locks import RunLock; from pathlib import Path; import time; "
             f"assert RunLock(Path({str(path)!r})).acquire(); print('held', flush=True); time.sleep({seconds})")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[2])

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from runners.cli import main
 from runners.launch import plan
-from runners.store import RunLock, load_checkpoint
+from runners.locks import RunLock
+from runners.store import load_checkpoint
 from tests.reliability.conftest import DIVERGING_GRID, kill_grid_args
 from tests.reliability.harness import ablate, assert_same_results, epochs_trained, finished_runs, hold_lock, \
     snapshot, start, wait_for

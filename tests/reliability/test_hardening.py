@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ablations.errors import UserError
-from runners.store import RunLock, Store, atomic_write_text, grid_lock
+from runners.locks import RunLock, grid_lock
+from runners.store import Store, atomic_write_text
 from tests.reliability.conftest import TALLY
 from tests.reliability.harness import hold_lock
 

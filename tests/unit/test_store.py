@@ -11,7 +11,8 @@ import torch
 
 from ablations.errors import UserError
 from runners import store as store_mod
-from runners.store import RunLock, Store, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from runners.locks import RunLock
+from runners.store import Store, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
