@@ -60,8 +60,8 @@ def run_jobs(request: GridRequest, jobs: int, say: Callable[[str], None] = print
     r = request
     grid, results, budget, overrides, seeds = r.grid, Path(r.results), r.budget, r.overrides, r.seeds
     data_dir, device, wait_for_others, options = r.data_dir, r.device, r.wait_for_others, r.options
-    g, specs = plan(grid, budget, overrides, seeds)  # a bad grid or option: one error here instead of one per job
     store = Store(results)
+    g, specs = plan(grid, budget, overrides, seeds, store)  # a bad grid or option: one error here, not one per job
     store.check_writable()
     before = {s.run_id for s in specs if store.is_done(g.name, s.run_id)}
     threads = max(1, (os.cpu_count() or 1) // jobs)
