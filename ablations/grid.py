@@ -1,8 +1,8 @@
 """Grid specs: one TOML file per grid in ablations/grids/, validated on load, expanded into RunSpecs.
 
 A grid names base settings (`[run]`), Cartesian axes (`[axes]`), zipped axes whose values move together
-(`[zip.NAME]`), seeds, an optional early stop, per-budget overrides (`[budgets.cpu]`) and the claims it
-tests (`[[claims]]`). Every error names the file, the key and what was expected.
+(`[zip.NAME]`), seeds, an optional early stop, per-budget overrides (`[budgets.cpu]`, with
+`[budgets.cpu.zip.NAME]` for a value per zip row) and the claims it tests (`[[claims]]`). Every error names the file, the key and what was expected.
 
 Grid files are looked up by name in ablations/grids/, then in the folder $ABLATE_GRIDS_DIR names (grids kept
 outside the package; a shipped name wins). A name is letters, digits, '_' and '-', so it never leaves a folder."""
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import os
 import re
 import tomllib
@@ -20,57 +19,15 @@ from typing import Any, Callable
 
 from ablations.claims import check_claim
 from ablations.errors import UserError, check_table, no_unknown
-from ablations.choices import DECAY_ON, DROPOUT_AT
-from ablations.models import ACTIVATIONS, ARCHS, INITS, POOLINGS, TOWERS, ModelSpec, validate
-from ablations.spec import AUGMENT, DATASETS, PRECISIONS, PREPROCESS, SCHEDULES, RunSpec
+from ablations.models import ModelSpec, validate
+from ablations.settings import (AXIS_PREFIX, FIELDS, MAX_SEEDS, MODEL_FIELDS, check_axis, check_seeds,  # noqa: F401
+                                check_value, parse_overrides)
+from ablations.spec import DATASETS, RunSpec
 
 GRIDS_DIR = Path(__file__).parent / "grids"
 GRIDS_ENV = "ABLATE_GRIDS_DIR"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
-_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelSpec) if f.name != "num_classes"}
-_RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunSpec) if f.name not in ("model", "grid", "axes")}
-# every key a grid may set: run fields, model fields, and lr_scale (multiplies lr: a sweep around a base rate)
-
-
-def _type_name(t: Any) -> str:
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
-FIELDS: dict[str, str] = {k: _type_name(f.type) for k, f in {**_RUN_FIELDS, **_MODEL_FIELDS}.items()}
-FIELDS["lr_scale"] = "float"
-
-CHOICES: dict[str, tuple] = {
-    "arch": tuple(ARCHS),
-    "activation": tuple(ACTIVATIONS),
-    "pooling": tuple(POOLINGS),
-    "dropout_at": DROPOUT_AT,
-    "decay_on": DECAY_ON,
-    "init": INITS,
-    "towers": TOWERS,
-    "dataset": tuple(DATASETS),
-    "preprocess": PREPROCESS,
-    "augment": AUGMENT,
-    "test_crops": (1, 10),
-    "schedule": SCHEDULES,
-    "precision": PRECISIONS,
-    "early_stop_metric": ("", "train_error", "train_loss", "val_error"),  # never test_error: test decides nothing
-}
-# (lowest allowed, whether the bound itself is allowed)
-BOUNDS: dict[str, tuple[float, bool]] = {
-    "epochs": (1, True), "batch_size": (1, True), "lr": (0, False), "lr_scale": (0, False),
-    "momentum": (0, True), "weight_decay": (0, True), "width": (0, False), "devices": (1, True),
-    "dropout": (0, True), "subset": (0, True), "test_subset": (0, True), "val_size": (0, True), "step_epochs": (1, True),
-    "plateau_patience": (0, True), "max_lr_drops": (0, True), "early_stop_below": (0, True),
-    "loss_target": (0, True), "seed": (0, True),
-}
-# upper bounds: the paper's regimes fit far inside them; beyond them a value is a typo, not an experiment
-UPPER: dict[str, float] = {"dropout": 0.99, "momentum": 0.999, "epochs": 10_000, "batch_size": 65_536,
-                           "subset": 10_000_000, "test_subset": 10_000_000, "val_size": 1_000_000, "devices": 1024,
-                           "lr": 1e6, "lr_scale": 1e6, "weight_decay": 1.0, "step_epochs": 10_000,
-                           "plateau_patience": 10_000, "max_lr_drops": 100, "early_stop_below": 1e6,
-                           "loss_target": 1e6, "seed": 2 ** 31 - 1}
-MAX_SEEDS = 1000
 TOP_KEYS = {"title", "description", "seeds", "run", "axes", "zip", "early_stop", "budgets", "claims", "loss_target",
             "tune", "tests_paper"}
 TUNE_KEYS = {"axis", "metric", "seeds"}
@@ -161,7 +118,7 @@ def parse_grid(name: str, path: Path) -> Grid:
     axes = raw.get("axes", {})
     check_table(axes, where, "axes")
     for key, values in axes.items():
-        _check_axis(key, values, f"{where}: axes.{key}")
+        check_axis(key, values, f"{where}: axes.{key}")
     zips = raw.get("zip", {})
     check_table(zips, where, "zip")
     seen = set(axes)
@@ -173,7 +130,7 @@ def parse_grid(name: str, path: Path) -> Grid:
         if len(lengths) != 1 or -1 in lengths:
             raise UserError(f"{where}: zip.{zname}: every key needs a list of values of the same length")
         for key, values in group.items():
-            _check_axis(key, values, f"{where}: zip.{zname}.{key}", label=key == zname and key not in FIELDS,
+            check_axis(key, values, f"{where}: zip.{zname}.{key}", label=key == zname and key not in FIELDS,
                         distinct=False)
         rows = list(zip(*group.values()))
         if len({repr(r) for r in rows}) != len(rows):
@@ -184,7 +141,7 @@ def parse_grid(name: str, path: Path) -> Grid:
         seen |= set(group) | {zname}
 
     seeds = raw.get("seeds", [0])
-    _check_seeds(seeds, f"{where}: seeds")
+    check_seeds(seeds, f"{where}: seeds")
     tune = raw.get("tune")
     if tune is not None:
         check_table(tune, where, "tune")
@@ -195,7 +152,7 @@ def parse_grid(name: str, path: Path) -> Grid:
         if tune.get("metric") not in TUNE_METRICS:
             raise UserError(f"{where}: tune.metric must be one of {', '.join(TUNE_METRICS)} (the test split decides "
                             f"nothing), got {tune.get('metric')!r}")
-        _check_seeds(tune.get("seeds"), f"{where}: tune.seeds")
+        check_seeds(tune.get("seeds"), f"{where}: tune.seeds")
         if set(tune["seeds"]) & set(seeds):
             raise UserError(f"{where}: tune.seeds (selection) and seeds (confirmation) must differ, so that the "
                             f"effect is estimated on runs that did not choose the setting")
@@ -206,17 +163,20 @@ def parse_grid(name: str, path: Path) -> Grid:
         check_table(table, where, f"budgets.{bname}")
         for key, value in table.items():
             if key == "seeds":
-                _check_seeds(value, f"{where}: budgets.{bname}.seeds")
+                check_seeds(value, f"{where}: budgets.{bname}.seeds")
                 if tune is not None and set(value) & set(tune["seeds"]):
                     raise UserError(f"{where}: budgets.{bname}.seeds overlap tune.seeds; confirmation seeds must "
                                     f"differ from selection seeds")
+                continue
+            if key == "zip":  # a budget may give a zip's rows other values, e.g. a per-arm epoch cap
+                check_budget_zip(value, zips, where, f"budgets.{bname}.zip")
                 continue
             if key == "axes":  # a budget may sweep fewer values of an existing Cartesian axis
                 check_table(value, where, f"budgets.{bname}.axes")
                 for axis, values in value.items():
                     if axis not in axes:
                         raise UserError(f"{where}: budgets.{bname}.axes.{axis} is not a Cartesian axis of this grid")
-                    _check_axis(axis, values, f"{where}: budgets.{bname}.axes.{axis}")
+                    check_axis(axis, values, f"{where}: budgets.{bname}.axes.{axis}")
                 continue
             check_value(key, value, f"{where}: budgets.{bname}.{key}")
 
@@ -230,90 +190,36 @@ def parse_grid(name: str, path: Path) -> Grid:
                 tune=dict(tune) if tune is not None else None, tests_paper=_flag(raw, "tests_paper", where))
 
 
+def check_budget_zip(table: Any, zips: dict[str, dict[str, list]], where: str, name: str) -> None:
+    """A budget's `zip.NAME.KEY = [...]` sets a setting per row of an existing zip (one value per row)."""
+    check_table(table, where, name)
+    for zname, group in table.items():
+        if zname not in zips:
+            raise UserError(f"{where}: {name}.{zname} is not a zip of this grid (its zips: "
+                            f"{', '.join(zips) or 'none'})")
+        check_table(group, where, f"{name}.{zname}")
+        rows = len(next(iter(zips[zname].values())))
+        for key, values in group.items():
+            if key == zname:
+                raise UserError(f"{where}: {name}.{zname}.{key} would change the zip's own values; a budget "
+                                f"sets other keys per row")
+            check_axis(key, values, f"{where}: {name}.{zname}.{key}", distinct=False)
+            if len(values) != rows:
+                raise UserError(f"{where}: {name}.{zname}.{key} needs one value per row of zip.{zname} "
+                                f"({rows}), got {len(values)}")
+
+
+def budget_zips(grid: Grid, budget: str) -> dict[str, dict[str, list]]:
+    """The grid's zips with the budget's per-row values merged in."""
+    extra = grid.budgets.get(budget, {}).get("zip", {})
+    return {zname: {**group, **extra.get(zname, {})} for zname, group in grid.zips.items()}
+
+
 def _flag(raw: dict, key: str, where: str) -> bool:
     value = raw.get(key, True)
     if not isinstance(value, bool):
         raise UserError(f"{where}: {key} must be true or false, got {value!r}")
     return value
-
-
-def _check_seeds(seeds: Any, where: str) -> None:
-    if (not isinstance(seeds, list) or not seeds
-            or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
-            or len(set(seeds)) != len(seeds)):
-        raise UserError(f"{where}: expected a non-empty list of distinct non-negative integers, got {seeds!r}")
-    if len(seeds) > MAX_SEEDS or max(seeds) > UPPER["seed"]:
-        raise UserError(f"{where}: at most {MAX_SEEDS} seeds, each below 2^31, got {len(seeds)} up to {max(seeds)}")
-
-
-def _check_axis(key: str, values: Any, where: str, label: bool = False, distinct: bool = True) -> None:
-    if not label and key not in FIELDS:
-        raise UserError(f"{where}: unknown axis {key!r}; axes can be: {', '.join(sorted(FIELDS))}")
-    if not isinstance(values, list) or not values:
-        raise UserError(f"{where}: expected a non-empty list of values, got {values!r}")
-    if distinct and len({repr(v) for v in values}) != len(values):
-        raise UserError(f"{where}: values repeat in {values!r}; list each value once")
-    if not label:
-        for v in values:
-            check_value(key, v, where)
-
-
-def check_value(key: str, value: Any, where: str) -> Any:
-    """Type, choice and range check for one setting; returns the value (ints widened to float where needed)."""
-    if key not in FIELDS:
-        raise UserError(f"{where}: unknown setting {key!r}; valid settings: {', '.join(sorted(FIELDS))}")
-    kind = FIELDS[key]
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-    }.get(kind, True)
-    if not ok:
-        raise UserError(f"{where}: expected {kind} for {key!r}, got {value!r} ({type(value).__name__})")
-    if kind in ("int", "float") and not math.isfinite(value):  # nan passes every `value < bound` test
-        raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise UserError(f"{where}: {value!r} is not a valid {key}; expected one of "
-                        f"{', '.join(repr(c) for c in CHOICES[key])}")
-    if key in BOUNDS:
-        low, inclusive = BOUNDS[key]
-        if value < low or (value == low and not inclusive):
-            rel = ">=" if inclusive else ">"
-            raise UserError(f"{where}: {key} must be {rel} {low:g}, got {value!r}")
-    if key in UPPER and value > UPPER[key]:
-        raise UserError(f"{where}: {key} must be <= {UPPER[key]:g}, got {value!r}")
-    return float(value) if kind == "float" else value
-
-
-AXIS_PREFIX = "axes."  # an override `axes.NAME=[...]` replaces the values of a Cartesian axis
-
-
-def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """`key=value` words from the command line (Hydra's spelling), values in TOML syntax: lr=0.02,
-    augment=none or augment="none", axes.lrn=[true], axes.lr_scale=[0.5, 1.0]. Checked like the grid file."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, eq, text = item.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise UserError(f"override {item!r} is not key=value (e.g. lr=0.02 or axes.lrn=[true])")
-        try:
-            value = tomllib.loads(f"v = {text.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            if not re.fullmatch(r"[A-Za-z_][\w.-]*", text.strip()):
-                raise UserError(f"override {item!r}: {text!r} is not a TOML value (a number, true/false, a word, "
-                                f"\"a string\" or a [list])") from None
-            value = text.strip()  # a bare word: relu, crop_flip
-        if key.startswith(AXIS_PREFIX):
-            name = key[len(AXIS_PREFIX):]
-            _check_axis(name, value, f"override {item}")
-        else:
-            value = check_value(key, value, f"override {item}")
-        if key in out:
-            raise UserError(f"override {key!r} is given twice; give each key once")
-        out[key] = value
-    return out
 
 
 def expand(grid: Grid, budget: str = "gpu", overrides: dict[str, Any] | None = None,
@@ -330,7 +236,7 @@ def expand(grid: Grid, budget: str = "gpu", overrides: dict[str, Any] | None = N
         if budget not in grid.budgets:
             raise UserError(f"grid {grid.name!r} has no budget {budget!r}; budgets: "
                             f"{', '.join(['gpu', *sorted(grid.budgets)])}")
-        settings.update({k: v for k, v in grid.budgets[budget].items() if k not in ("seeds", "axes")})
+        settings.update({k: v for k, v in grid.budgets[budget].items() if k not in ("seeds", "axes", "zip")})
         if seeds is None and "seeds" in grid.budgets[budget]:
             seeds = list(grid.budgets[budget]["seeds"])
     seeds = list(grid.seeds) if seeds is None else seeds
@@ -345,7 +251,8 @@ def expand(grid: Grid, budget: str = "gpu", overrides: dict[str, Any] | None = N
         check_value(key, value, f"option --{key.replace('_', '-')}")
 
     cart = [[(k, v) for v in vs] for k, vs in axes.items()]
-    zipped = [[tuple(zip(group, row)) for row in zip(*group.values())] for group in grid.zips.values()]
+    zipped = [[tuple(zip(group, row)) for row in zip(*group.values())]
+              for group in budget_zips(grid, budget).values()]
     cells = []
     for combo in itertools.product(*cart, *[[list(z) for z in zs] for zs in zipped]):
         labels: dict[str, Any] = {}
@@ -396,7 +303,7 @@ def _resolve(grid: str, settings: dict, labels: dict, overrides: dict, seed: int
     lr_scale = merged.pop("lr_scale", 1.0)
     merged["lr"] = float(merged.get("lr", RunSpec.__dataclass_fields__["lr"].default)) * lr_scale
     dataset = merged.get("dataset", "cifar10")
-    model_kw = {k: merged.pop(k) for k in list(merged) if k in _MODEL_FIELDS}
+    model_kw = {k: merged.pop(k) for k in list(merged) if k in MODEL_FIELDS}
     model = ModelSpec(num_classes=DATASETS[dataset], **model_kw)
     if "lr" in labels:
         labels = {**labels, "lr": merged["lr"]}

@@ -67,6 +67,18 @@ def test_budget_and_overrides():
     assert {s.model.num_classes for s in cifar100} == {100}
 
 
+def test_a_budget_gives_each_row_of_a_zip_its_own_setting():
+    """dropout's cpu budget: the dropout arm gets twice the epoch cap; the other arm, and the gpu budget, keep
+    theirs, so the runs the budget did not change keep their ids."""
+    grid = load_grid("dropout")
+    cpu = {(s.model.dropout, s.epochs) for s in expand(grid, "cpu")}
+    assert cpu == {(0.0, 40), (0.5, 80)}
+    assert {s.epochs for s in expand(grid)} == {90}
+    flat = dataclasses.replace(grid, budgets={"cpu": {k: v for k, v in grid.budgets["cpu"].items() if k != "zip"}})
+    same = {s.run_id for s in expand(flat, "cpu") if s.model.dropout == 0.0}
+    assert same == {s.run_id for s in expand(grid, "cpu") if s.model.dropout == 0.0}
+
+
 def _other(value):
     if isinstance(value, bool):
         return not value
@@ -128,6 +140,10 @@ BAD_SPECS = [
     ("[axes]\nlrn = [true, false]\n[[claims]]\nid = 'x'\nmetric = 'test_error'\naxis = 'lrn'\n"
      "a = true\nb = false\neffect = 'difference'\nmargin = 1.0\npaper = 1.4\n", "a paper number or a margin"),
     ("[run\n", "not valid TOML"),
+    ("[zip.z]\nz = ['a', 'b']\n[budgets.cpu.zip.y]\nepochs = [1, 2]\n", "not a zip of this grid"),
+    ("[zip.z]\nz = ['a', 'b']\n[budgets.cpu.zip.z]\nepochs = [1, 2, 3]\n", "one value per row of zip.z"),
+    ("[zip.z]\nz = ['a', 'b']\n[budgets.cpu.zip.z]\nepochs = [0, 2]\n", "epochs must be >= 1"),
+    ("[zip.z]\nz = ['a', 'b']\n[budgets.cpu.zip.z]\nz = ['c', 'd']\n", "the zip's own values"),
 ]
 
 
