@@ -2,7 +2,8 @@
 
 A grid names base settings (`[run]`), Cartesian axes (`[axes]`), zipped axes whose values move together
 (`[zip.NAME]`), seeds, an optional early stop, per-budget overrides (`[budgets.cpu]`, with
-`[budgets.cpu.zip.NAME]` for a value per zip row) and the claims it tests (`[[claims]]`). Every error names the file, the key and what was expected.
+`[budgets.cpu.zip.NAME]` for a value per zip row) and the claims it tests (`[[claims]]`). Every error names
+the file, the key and what was expected.
 
 Grid files are looked up by name in ablations/grids/, then in the folder $ABLATE_GRIDS_DIR names (grids kept
 outside the package; a shipped name wins). A name is letters, digits, '_' and '-', so it never leaves a folder."""
