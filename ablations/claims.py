@@ -12,8 +12,27 @@ ERROR_METRICS = {"train_error", "test_error", "test_error_top5", "test_error_at_
                  "clean_train_error"}
 THROUGHPUT_METRICS = {"images_per_second"}  # a speed needs no learning: the chance guard leaves these alone
 CLAIM_KEYS = {"id", "paper_claim", "title", "metric", "axis", "a", "b", "effect", "paper", "tune", "fixed", "note",
-              "margin", "regime", "paper_marks"}
+              "margin", "regime", "paper_marks", "also"}
 REGIMES = ("learning", "overfitting")  # overfitting: testable only where the unregularised side a over-fits
+# lines the report shows under a claim (`also = [...]` in its table), each for the claims it can follow
+ALSO: dict[str, str] = {
+    "seconds": "the same runs in training seconds (a claim on epochs_to_target)",
+    "top5": "the top-5 error, on CIFAR-100 only (a test_error difference)",
+    "efficiency": "scaling efficiency, speed-up / N (an images_per_second ratio on the devices axis)",
+    "accuracy": "test error, N devices minus one (an images_per_second ratio on the devices axis)",
+}
+
+
+def default_also(metric: str, effect: str, axis: str) -> tuple[str, ...]:
+    """The lines a claim table without `also` gets: every one that can follow it."""
+    return tuple(k for k in ALSO if can_follow(k, metric, effect, axis))
+
+
+def can_follow(line: str, metric: str, effect: str, axis: str) -> bool:
+    return {"seconds": metric == "epochs_to_target",
+            "top5": metric == "test_error" and effect == "difference",
+            "efficiency": axis == "devices" and metric == "images_per_second" and effect == "ratio",
+            "accuracy": axis == "devices" and metric == "images_per_second" and effect == "ratio"}[line]
 
 
 @dataclass(frozen=True)
@@ -34,6 +53,7 @@ class Claim:
     secondary: bool = False  # a line the report adds under a declared claim
     margin: float | None = None  # an equivalence claim: |a - b| < margin, in the claim's units (points)
     regime: str = "learning"  # "overfitting": only testable where the unregularised side a over-fits
+    also: tuple[str, ...] = ()  # secondary lines the report shows under this claim (keys of ALSO)
 
     @property
     def reference(self) -> float:
@@ -55,7 +75,8 @@ def claim_from_table(c: dict[str, Any]) -> Claim:
     return Claim(id=c["id"], paper_claim=c.get("paper_claim") or c["id"], title=c.get("title") or c["id"],
                  metric=c["metric"], axis=c["axis"], a=c["a"], b=c["b"], effect=c["effect"], paper=c.get("paper"),
                  tune=c.get("tune"), fixed=tuple(sorted((c.get("fixed") or {}).items())), margin=c.get("margin"),
-                 regime=c.get("regime") or "learning")
+                 regime=c.get("regime") or "learning",
+                 also=tuple(c["also"]) if "also" in c else default_also(c["metric"], c["effect"], c["axis"]))
 
 
 def check_claim(claim: Any, i: int, where: str, axis_values: dict[str, list]) -> dict[str, Any]:
@@ -94,7 +115,15 @@ def check_claim(claim: Any, i: int, where: str, axis_values: dict[str, list]) ->
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin <= 0 or "paper" in claim:
             raise UserError(f"{at}: margin (an equivalence test: a and b differ by less than it) must be a number "
                             f"> 0, and a claim has a paper number or a margin, not both; got {margin!r}")
+    also = claim.get("also", [])
+    if not isinstance(also, list) or any(k not in ALSO for k in also):
+        raise UserError(f"{at}: also must be a list of {', '.join(ALSO)} (the report's lines under the claim), "
+                        f"got {also!r}")
+    for line in also:
+        if not can_follow(line, claim["metric"], claim["effect"], claim["axis"]):
+            raise UserError(f"{at}: also = {line!r} cannot follow this claim; {line!r} is {ALSO[line]}")
     out = dict(claim)
+    out.setdefault("also", list(default_also(claim["metric"], claim["effect"], claim["axis"])))
     out.setdefault("paper_claim", claim["id"])
     out.setdefault("title", claim["id"])
     out.setdefault("paper", None)

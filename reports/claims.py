@@ -116,9 +116,9 @@ class ClaimResult:
 # ---------------------------------------------------------------- claims of a grid
 
 def claims_of(grid: GridResults) -> list[Claim]:
-    """The grid's declared claims plus the secondary lines the report always shows with them:
-    seconds to target beside epochs to target, top-5 beside top-1 on CIFAR-100, scaling efficiency (and
-    accuracy parity, unless declared) beside a data-parallel speed-up."""
+    """The grid's declared claims, each followed by the secondary lines its table asks for (`also`): seconds
+    beside epochs to target, top-5 beside top-1 on CIFAR-100, scaling efficiency and accuracy parity (unless the
+    grid declares that claim itself) beside a data-parallel speed-up."""
     raw = grid.meta.get("claims", [])
     declared = {(c.get("metric"), c.get("axis"), canon(c.get("a")), canon(c.get("b"))) for c in raw}
     cifar100 = "cifar100" in grid.label("dataset")
@@ -127,22 +127,21 @@ def claims_of(grid: GridResults) -> list[Claim]:
         claim = claim_from_table(c)
         out.append(claim)
         key = (claim.axis, canon(claim.a), canon(claim.b))
-        if claim.metric == "epochs_to_target":
+        if "seconds" in claim.also:
             out.append(dataclasses.replace(
                 claim, id=f"{claim.id}/seconds", metric="seconds_to_target", paper=None, secondary=True,
                 tune_metric="epochs_to_target", title=f"{claim.title}: the same runs in training seconds"))
-        if (claim.metric == "test_error" and claim.effect == "difference" and cifar100
-                and ("test_error_top5", *key) not in declared):
+        if "top5" in claim.also and cifar100 and ("test_error_top5", *key) not in declared:
             out.append(dataclasses.replace(claim, id=f"{claim.id}/top5", metric="test_error_top5", paper=None,
                                            secondary=True, title=f"{claim.title} (top-5)"))
-        if claim.axis == "devices" and claim.metric == "images_per_second" and claim.effect == "ratio":
+        if "efficiency" in claim.also:
             n = float(claim.a) / float(claim.b)
             out.append(dataclasses.replace(claim, id=f"{claim.id}/efficiency", per=n, paper=None, secondary=True,
                                            title=f"Scaling efficiency: speed-up / {n:g}"))
-            if ("test_error", *key) not in declared:
-                out.append(dataclasses.replace(claim, id=f"{claim.id}/accuracy", metric="test_error",
-                                               effect="difference", paper=None, secondary=True,
-                                               title="Test top-1 error, N devices minus one"))
+        if "accuracy" in claim.also and ("test_error", *key) not in declared:
+            out.append(dataclasses.replace(claim, id=f"{claim.id}/accuracy", metric="test_error",
+                                           effect="difference", paper=None, secondary=True,
+                                           title="Test top-1 error, N devices minus one"))
     return out
 
 

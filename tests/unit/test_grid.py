@@ -79,6 +79,19 @@ def test_a_budget_gives_each_row_of_a_zip_its_own_setting():
     assert same == {s.run_id for s in expand(grid, "cpu") if s.model.dropout == 0.0}
 
 
+def test_a_claim_declares_its_secondary_lines_or_gets_every_one_that_fits():
+    from ablations.claims import claim_from_table
+    relu = next(c for c in load_grid("relu_vs_tanh").claims if c["id"] == "relu-6x")
+    assert relu["also"] == ["seconds"] and claim_from_table(relu).also == ("seconds",)
+    speed = next(c for c in load_grid("gpus").claims if c["id"] == "data-parallel")
+    assert claim_from_table(speed).also == ("efficiency",)
+    lrn = next(c for c in load_grid("lrn4").claims if c["id"] == "lrn-4layer")
+    assert lrn["also"] == ["top5"]  # not declared: the default for a test-error difference
+    old = {k: v for k, v in speed.items() if k != "also"}  # a grid.json written before `also` existed
+    assert claim_from_table(old).also == ("efficiency", "accuracy")
+    assert claim_from_table({**lrn, "also": []}).also == ()
+
+
 def _other(value):
     if isinstance(value, bool):
         return not value
@@ -140,6 +153,10 @@ BAD_SPECS = [
     ("[axes]\nlrn = [true, false]\n[[claims]]\nid = 'x'\nmetric = 'test_error'\naxis = 'lrn'\n"
      "a = true\nb = false\neffect = 'difference'\nmargin = 1.0\npaper = 1.4\n", "a paper number or a margin"),
     ("[run\n", "not valid TOML"),
+    ("[axes]\nlrn = [true, false]\n[[claims]]\nid = 'x'\nmetric = 'test_error'\naxis = 'lrn'\n"
+     "a = true\nb = false\neffect = 'difference'\nalso = ['movie']\n", "also must be a list of"),
+    ("[axes]\nlrn = [true, false]\n[[claims]]\nid = 'x'\nmetric = 'test_error'\naxis = 'lrn'\n"
+     "a = true\nb = false\neffect = 'difference'\nalso = ['seconds']\n", "'seconds' cannot follow this claim"),
     ("[zip.z]\nz = ['a', 'b']\n[budgets.cpu.zip.y]\nepochs = [1, 2]\n", "not a zip of this grid"),
     ("[zip.z]\nz = ['a', 'b']\n[budgets.cpu.zip.z]\nepochs = [1, 2, 3]\n", "one value per row of zip.z"),
     ("[zip.z]\nz = ['a', 'b']\n[budgets.cpu.zip.z]\nepochs = [0, 2]\n", "epochs must be >= 1"),
