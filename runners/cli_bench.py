@@ -68,7 +68,9 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
     console = Console(stderr=True)
     if list_cases:
         from runners.bench import paired
-        click.echo("\n".join(paired.CASES))
+        default, why = paired.machine_cases()
+        click.echo("\n".join([*default, *(c for c in paired.worker.CASES if c not in default)]))
+        click.echo(f"the first {len(default)} are timed by default here" + (f": {why}" if why else ""), err=True)
         return
     if rev:
         _bench_against(rev, tolerance, cases, pairs, inject_slowdown, as_json, console)
@@ -119,8 +121,11 @@ def _bench_against(rev: str, tolerance: float | None, cases: tuple[str, ...], pa
 
     from runners.bench import paired
 
+    default, why = paired.machine_cases()
+    if why and not cases:
+        click.echo(why, err=True)
     cfg = paired.PairedConfig(rev=rev, tolerance=paired.TOLERANCE if tolerance is None else tolerance,
-                              cases=tuple(cases) or paired.CASES, pairs=pairs, stall=inject)
+                              cases=tuple(cases) or default, pairs=pairs, stall=inject)
     result = paired.against(cfg, say=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     if as_json:
         click.echo(json.dumps({**dataclasses.asdict(result), "verdict": result.verdict}, indent=2))

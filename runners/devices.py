@@ -68,6 +68,30 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+@functools.cache
+def native_bf16(device_type: str = "cpu") -> bool:
+    """Whether bf16 convolutions and matmuls have a hardware path here. On a CPU that is oneDNN's bf16 support
+    (AVX512 or AMX on x86); without it PyTorch emulates bf16, an order of magnitude slower than fp32, so a bf16
+    run or benchmark there measures the emulation, not the suite. Where PyTorch cannot say, assume it is native."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def emulated_bf16_note(specs: list[RunSpec], device: torch.device, grid: str) -> str:
+    """One line when bf16 runs are about to train on a CPU without native bf16: they run, an order of magnitude
+    slower than fp32; fp32 makes different runs (their own ids), so the choice is the user's."""
+    n = sum(s.precision == "bf16" for s in specs)
+    if not n or device.type != "cpu" or native_bf16("cpu"):
+        return ""
+    return (f"note: {n} bf16 runs of grid {grid} train on a CPU without native bf16 (oneDNN reports no AVX512 or "
+            f"AMX), where PyTorch emulates it, an order of magnitude slower than fp32; `--precision fp32` trains "
+            f"fast here but makes different runs (their own ids), not the grid's recorded ones")
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model and core count: what a run (and a bench row) records it ran on."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()

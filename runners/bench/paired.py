@@ -36,7 +36,7 @@ from typing import Callable
 from ablations.errors import UserError
 from runners.bench import worker
 
-CASES = tuple(worker.CASES)
+CASES = worker.default_cases(native_bf16=True)
 WORKER = Path(worker.__file__).resolve()
 LAUNCH = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 CONFIDENCE = 0.90  # two-sided: each one-sided decision (slower / ok) is made at 95 %
@@ -270,6 +270,16 @@ def against(cfg: PairedConfig, say: Callable[[str], None] = print) -> PairedResu
         subprocess.run(["git", "-C", str(head), "worktree", "remove", "--force", str(base)], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
         subprocess.run(["git", "-C", str(head), "worktree", "prune"], capture_output=True)
+
+
+def machine_cases() -> tuple[tuple[str, ...], str]:
+    """The cases for this CPU and, when they leave bf16 out, one line that says why."""
+    from runners.devices import native_bf16
+    if native_bf16("cpu"):
+        return CASES, ""
+    return worker.default_cases(native_bf16=False), (
+        "this CPU has no native bf16 (oneDNN reports no bf16 support: no AVX512 or AMX), so PyTorch would emulate "
+        "it an order of magnitude slower: the gate times the fp32 forms of its cases")
 
 
 def result_lines(r: PairedResult) -> list[str]:

@@ -31,7 +31,20 @@ CASES: dict[str, tuple[str, str, float, str, str, int]] = {
     **{f"pipeline {level}": ("pipeline", "", 1.0, "fp32", level, 1) for level in LEVELS},
     "eval alexnet-w0.25 bf16 10-crop": ("eval", "alexnet", 0.25, "bf16", "none", 10),
     "run loop convnet4 bf16": ("loop", "convnet4", 1.0, "bf16", "crop_flip", 1),
+    # the fp32 forms, for a CPU without native bf16 (see default_cases)
+    "eval alexnet-w0.25 fp32 10-crop": ("eval", "alexnet", 0.25, "fp32", "none", 10),
+    "run loop convnet4 fp32": ("loop", "convnet4", 1.0, "fp32", "crop_flip", 1),
 }
+FP32_FORMS = ("eval alexnet-w0.25 fp32 10-crop", "run loop convnet4 fp32")
+
+
+def default_cases(native_bf16: bool) -> tuple[str, ...]:
+    """Every case once: with native bf16 the bf16 training steps beside their fp32 twins and evaluation and the
+    run loop in bf16 (the suite's default); without it, the fp32 forms only, since emulated bf16 would make the
+    check an order of magnitude longer and measure PyTorch's emulation rather than this code."""
+    if native_bf16:
+        return tuple(c for c in CASES if c not in FP32_FORMS)
+    return tuple(c for c, (_, _, _, precision, _, _) in CASES.items() if precision == "fp32")
 
 
 def spin(seconds: float) -> None:

@@ -192,3 +192,27 @@ def test_convergence_needs_two_rate_drops_or_a_flat_validation_error():
     assert not converged(rows([1, 0.1, 0.1], [0.5, 0.4, 0.3]))
     assert converged(rows([1] * 6, [0.5, 0.3, 0.301, 0.305, 0.299, 0.302]))
     assert not converged(rows([1] * 6, [0.5, 0.3, 0.28, 0.26, 0.24, 0.22]))
+
+
+def test_bf16_runs_on_a_cpu_without_native_bf16_are_named_in_one_line(monkeypatch):
+    """bf16 is emulated there, an order of magnitude slower than fp32: `ablate run` says so as the grid starts."""
+    import runners.devices as devices
+    from ablations.grid import expand, load_grid
+    specs, cpu = expand(load_grid("smoke")), torch.device("cpu")
+    monkeypatch.setattr(devices, "native_bf16", lambda device_type="cpu": False)
+    note = devices.emulated_bf16_note(specs, cpu, "smoke")
+    assert note.startswith("note: 8 bf16 runs of grid smoke") and "--precision fp32" in note and "\n" not in note
+    fp32 = [dataclasses.replace(s, precision="fp32") for s in specs]
+    assert devices.emulated_bf16_note(fp32, cpu, "smoke") == ""
+    monkeypatch.setattr(devices, "native_bf16", lambda device_type="cpu": True)
+    assert devices.emulated_bf16_note(specs, cpu, "smoke") == ""
+
+
+def test_the_gate_times_fp32_forms_of_every_case_where_bf16_is_emulated():
+    from runners.bench import worker
+    native, emulated = worker.default_cases(True), worker.default_cases(False)
+    assert all(worker.CASES[c][3] == "fp32" for c in emulated)
+    kinds = lambda cases: sorted(worker.CASES[c][0] for c in cases)  # noqa: E731
+    assert set(kinds(emulated)) == set(kinds(native)) == {"train", "pipeline", "eval", "loop"}
+    assert "eval alexnet-w0.25 fp32 10-crop" in emulated and "run loop convnet4 fp32" in emulated
+    assert "eval alexnet-w0.25 bf16 10-crop" in native and not set(worker.FP32_FORMS) & set(native)
