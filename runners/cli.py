@@ -335,7 +335,7 @@ def _run_grid(grid: str, settings: tuple[str, ...], budget: str, seeds: str | No
         g, specs = plan(grid, budget, overrides, seed_list, store)
         for s in specs:
             state = "done" if store.is_done(g.name, s.run_id) else "pending"
-            axes = " ".join(f"{k}={v}" for k, v in s.axes)
+            axes = " ".join(f"{k}={v}" for k, v in s.axes if k != "epochs")  # printed after the seed
             click.echo(f"{s.run_id}  {state:7s}  {axes} seed={s.seed} epochs={s.epochs}")
         from ablations.grid import confirmation_count, expand
         later = confirmation_count(g, budget, seed_list) - (len(specs) - len(expand(g, budget, overrides, seed_list)))

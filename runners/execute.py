@@ -24,6 +24,7 @@ from runners.tblog import RunLog
 from runners.locks import RunLock
 from runners.store import RunFolder, Store, atomic_write_json, remove_stale_temps
 from runners.launch import GridOutcome, GridRequest, plan
+from runners.devices import emulated_bf16_note
 from runners.train import TrainOptions, check_data_fits, pick_device, train_run
 
 
@@ -62,6 +63,8 @@ def run_grid(request: GridRequest, reporter: PlainReporter | None = None, comman
     outcome = GridOutcome(grid.name, len(specs))
     done = sum(store.is_done(grid.name, s.run_id) for s in specs)
     reporter.grid(grid.name, len(specs), done)
+    if note := emulated_bf16_note([s for s in specs if not store.is_done(grid.name, s.run_id)], dev, grid.name):
+        reporter.say(note)
     context = {"budget": budget, "overrides": overrides or {}}
     pending = list(enumerate(specs, 1))
     planned = {s.run_id for s in specs}

@@ -57,7 +57,9 @@ def test_two_ranks_end_where_one_process_ends(reference):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
     wa, wb = _weights(root / "one"), _weights(root / "two")
-    assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
+    # float32 summed in another order (two halves, then the all-reduce): on an AVX2-only CPU fc1's bias ends up to
+    # 7e-6 apart after 3 epochs; a rank's half lost or not averaged would move weights by lr x grad, far more
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=2e-5) for k in wa)
     assert not all(torch.equal(wa[k], wb[k]) for k in wa)  # two ranks really summed two halves
     env = two.summary["env"]
     assert (env["world_size"], env["backend"], env["devices"], env["device"]) == (2, "gloo", 2, "cpu")
