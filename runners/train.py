@@ -139,7 +139,7 @@ def train_one_epoch(model, opt, dd: DeviceData, aug: BatchAugmenter, spec: RunSp
         if n_global < world:
             break  # some rank would get an empty batch
         idx = idx.tensor_split(world)[rank]
-        # index_select, not x[idx]: the same rows, ~9x faster on the CPU for uint8 images (runners/bench.py)
+        # index_select, not x[idx]: the same rows, ~9x faster on the CPU for uint8 images (`ablate bench`)
         x = aug(dd.train_x.index_select(0, idx), aug_gen, fmt)  # (B, 3, 32, 32) float
         y = dd.train_y[idx]
         with autocast(device, spec.precision):

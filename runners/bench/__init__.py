@@ -2,7 +2,8 @@
 
 - harness: the timer (device-synchronised, interleaved, warm-up apart) and the pure maths of a bench row.
 - workloads: what is timed, built on the suite's own code: GEMM ceilings, the seed chapter's reference
-  pipeline, training steps, evaluation, conv passes, the input pipeline, the run loop.
+  pipeline, training steps, evaluation, conv passes, the input pipeline.
+- loop: the run loop (train_run) against a bare script of the same run, on a real cpu-budget epoch.
 - suite: the full bench (`ablate bench`): plan, summary, targets, CSV and table.
 - paired: the regression gate (`ablate bench --against REV`): this tree against REV, in alternating fresh
   processes on one machine (worker.py is what each process runs).
@@ -15,11 +16,11 @@ from runners.bench.harness import (Workload, achieved_flops, calibrate, efficien
                                    ratio, time_interleaved, timed, units_per_call, using_threads)
 from runners.bench.suite import (BenchConfig, BenchResult, Target, bench_table, check_targets, read_results, run_bench,
                                  summarise, target_lines, write_results)
-from runners.bench.workloads import (CONVNET4, CSV_COLUMNS, LOOP_BARE, LOOP_BARE_EVAL, LOOP_RUN, SEED_ALEXNET,
-                                     SUITE_ALEXNET, TRAIN_AUGMENT, DeviceSet, conv_pass_workloads, eval_workload,
-                                     forward_flops_per_image, gemm_workload, kernel_bound, loop_workloads, model_label,
-                                     pipeline_calls, pipeline_workload, reference_flops_per_image, train_calls,
-                                     train_workload)
+from runners.bench.loop import LOOP_BARE, LOOP_BARE_EVAL, LOOP_RUN, loop_spec, loop_workloads
+from runners.bench.workloads import (CONVNET4, CSV_COLUMNS, SEED_ALEXNET, SUITE_ALEXNET, TRAIN_AUGMENT, DeviceSet,
+                                     conv_pass_workloads, eval_workload, forward_flops_per_image, gemm_workload,
+                                     kernel_bound, model_label, pipeline_calls, pipeline_workload,
+                                     reference_flops_per_image, train_calls, train_workload)
 from runners.devices import device_name, pick_device
 
 __all__ = ["BenchConfig", "BenchResult", "CONVNET4", "CSV_COLUMNS", "CaseVerdict", "DeviceSet", "GATE_CASES",
@@ -27,7 +28,8 @@ __all__ = ["BenchConfig", "BenchResult", "CONVNET4", "CSV_COLUMNS", "CaseVerdict
            "SEED_ALEXNET", "SUITE_ALEXNET", "TRAIN_AUGMENT", "Target", "Verdict", "Workload", "achieved_flops",
            "bench_table", "best_of", "calibrate", "check_targets", "compare_to_baseline", "conv_pass_workloads",
            "default_baseline", "device_name", "efficiency", "eval_workload", "forward_flops_per_image",
-           "gate_cases_for", "gemm_workload", "kernel_bound", "load_baseline", "loop_workloads", "measure_gate",
+           "gate_cases_for", "gemm_workload", "kernel_bound", "load_baseline", "loop_spec", "loop_workloads",
+           "measure_gate",
            "median", "model_label", "normalised", "overhead", "pick_device", "pipeline_calls", "pipeline_workload",
            "processor_key", "ratio", "read_results", "reference_flops_per_image", "run_bench", "summarise",
            "target_lines", "time_interleaved", "timed", "train_calls", "train_workload", "units_per_call",

@@ -27,12 +27,10 @@ from runners.bench.harness import (
     ratio,
     time_interleaved,
 )
+from runners.bench.loop import LOOP_BARE, LOOP_BARE_EVAL, LOOP_RUN, loop_spec, loop_workloads
 from runners.bench.workloads import (
     CONVNET4,
     CSV_COLUMNS,
-    LOOP_BARE,
-    LOOP_BARE_EVAL,
-    LOOP_RUN,
     SEED_ALEXNET,
     SUITE_ALEXNET,
     TRAIN_AUGMENT,
@@ -43,10 +41,8 @@ from runners.bench.workloads import (
     eval_workload,
     gemm_workload,
     kernel_bound,
-    loop_workloads,
     pipeline_workload,
     reference_workload,
-    loop_spec,
     train_workload,
 )
 from runners.data import CifarData, load_dataset, make_synthetic

@@ -1,12 +1,10 @@
 """What `ablate bench` times: GEMM ceilings, the seed chapter's reference pipeline, the suite's training step,
-evaluation, the conv passes, the input pipeline at every augmentation level, and the run loop against a bare
-script. Each workload is built on the suite's own code (train_one_epoch, BatchAugmenter, evaluate, train_run)."""
+evaluation, the conv passes and the input pipeline at every augmentation level (the run loop against a bare script
+is in loop.py). Each workload is built on the suite's own code (train_one_epoch, BatchAugmenter, evaluate)."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +22,15 @@ from runners.augment import (
     InputStats,
     compute_input_stats,
 )
-from runners.bench.harness import Workload, calibrate, ratio, timed, using_threads
+from runners.bench.harness import Workload, calibrate, ratio
 from runners.data import CifarData
 from runners.train import (
     COMPILED_INPUT_IMAGES,
-    EVAL_BATCH,
     DeviceData,
     autocast,
     evaluate,
     make_optimizer,
-    select_data,
     train_one_epoch,
-    train_run,
 )
 
 # The seed chapter's net in the suite's family: the same convs and FCs, its 2x2, 2x2, 3x3/2 pools, dropout 0.6
@@ -152,7 +147,7 @@ class DeviceSet(DeviceData):
                          data.test_y[:n_test].to(device), stats=stats)
 
 
-def _prepared_model(spec: ModelSpec, precision: str, device: torch.device) -> torch.nn.Module:
+def prepared_model(spec: ModelSpec, precision: str, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(spec).to(device)
     if precision == "bf16":  # as train_run does: channels_last goes with bf16
@@ -175,7 +170,7 @@ def train_calls(model_spec: ModelSpec, data: DeviceSet, batch: int, precision: s
     """make(k): a call that trains k batches with the suite's own loop (train_one_epoch over k batches of the
     uint8 device data, BatchAugmenter, the run's precision and memory format). Returns train_one_epoch's result."""
     spec = RunSpec(model=model_spec, batch_size=batch, precision=precision, augment=augment)
-    model = _prepared_model(model_spec, precision, device)
+    model = prepared_model(model_spec, precision, device)
     net = torch.compile(model) if compile_model else model
     opt = make_optimizer(model, spec)
     aug = BatchAugmenter(data.stats, spec.preprocess, augment, device=device)
@@ -209,7 +204,7 @@ def eval_workload(name: str, model_spec: ModelSpec, data: DeviceSet, precision: 
                   device: torch.device, min_seconds: float, threads: int, base: str = "", unit: int = 50) -> Workload:
     """Test images/s of evaluate() (one view, or the paper's ten crops averaged)."""
     spec = RunSpec(model=model_spec, precision=precision, test_crops=crops)
-    model = _prepared_model(model_spec, precision, device)
+    model = prepared_model(model_spec, precision, device)
     aug = BatchAugmenter(data.stats, spec.preprocess, "none", device=device)
 
     def make(k: int) -> Callable[[], object]:
@@ -230,7 +225,7 @@ def conv_pass_workloads(spec: ModelSpec, batch: int, device: torch.device, min_s
     (F.conv2d; aten.convolution_backward asked for one gradient), in FLOP/s: what the convolution kernels
     themselves allow, so the gap between a training row and the ceiling can be split between the kernels
     and everything else (kernel_bound). conv1's input gradient is never computed in training: left out."""
-    model = _prepared_model(spec, "bf16", device)
+    model = prepared_model(spec, "bf16", device)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     inputs: list[torch.Size] = []
     hooks = [m.register_forward_pre_hook(lambda _, args: inputs.append(args[0].shape)) for m in convs]
@@ -311,103 +306,3 @@ def pipeline_workload(level: str, data: DeviceSet, batch: int, device: torch.dev
                     compile_seconds=first - warm if compiled else float("nan"),
                     note="gather + BatchAugmenter + channels_last" + (
                         f"; compiled, as in CPU runs of >= {COMPILED_INPUT_IMAGES:,} images" if compiled else ""))
-
-
-def loop_spec(quick: bool = False) -> RunSpec:
-    """The run the loop-overhead target is measured on: one real epoch of a cpu-budget run (the dropout grid's
-    first: AlexNet width 0.5, 10,000 training images, validation, clean-train and test evaluation), where the
-    loop's fixed costs weigh what they weigh in a real run; or, with quick, the smoke grid's first run. No early
-    stopping, so that every call trains the same epochs."""
-    from ablations.grid import expand, load_grid
-
-    spec = expand(load_grid("smoke"))[0] if quick else expand(load_grid("dropout"), "cpu")[0]
-    return dataclasses.replace(spec, epochs=spec.epochs if quick else 1, early_stop_metric="",
-                               early_stop_below=0.0)
-
-
-LOOP_RUN, LOOP_BARE = "train_run (whole run loop)", "bare train steps"
-LOOP_BARE_EVAL = "bare script: setup + steps + eval"
-
-
-def loop_workloads(spec: RunSpec, data: CifarData, device: torch.device, tmp: Path, threads: int,
-                   runs_per_call: int = 1, calls_per_round: int = 1) -> list[Workload]:
-    """train_run (its setup, steps, metrics, evaluation, checkpoints, CSVs, summary) against a bare script of the
-    same run, which any trainer needs: select the data, its input statistics, build the model and optimiser,
-    take the same steps, run the same evaluation forwards (test, clean-train slice, validation), and nothing
-    else. Also the bare steps alone, on a model built once (the strictest baseline). Each train_run starts in a
-    fresh folder. A call is `runs_per_call` runs: a run of well under a second needs several to time steadily."""
-    counter = itertools.count()
-    dirs: list[Path] = []
-
-    def before() -> None:
-        dirs.append(tmp / f"run{next(counter)}")
-
-    def after() -> None:
-        shutil.rmtree(dirs.pop(), ignore_errors=True)
-
-    fmt = torch.channels_last if spec.precision == "bf16" else torch.contiguous_format
-
-    def setup():
-        torch.manual_seed(spec.seed)
-        dd = select_data(spec, data, device)
-        aug = BatchAugmenter(compute_input_stats(dd.train_x), spec.preprocess, spec.augment, device=device)
-        model = _prepared_model(spec.model, spec.precision, device)
-        return dd, aug, model, make_optimizer(model, spec)
-
-    def steps(dd: DeviceData, aug: BatchAugmenter, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-        model.train()
-        gen = torch.Generator(device=device).manual_seed(spec.seed)
-        for _ in range(spec.epochs):
-            perm = torch.randperm(len(dd.train_y), device=device)
-            for i in range(0, len(dd.train_y), spec.batch_size):
-                idx = perm[i:i + spec.batch_size]
-                x = aug(dd.train_x.index_select(0, idx), gen, fmt)  # (B, 3, 32, 32)
-                with autocast(device, spec.precision):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), dd.train_y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-    @torch.no_grad()
-    def eval_forwards(dd: DeviceData, aug: BatchAugmenter, model: torch.nn.Module) -> None:
-        model.eval()
-        splits = [x for x in (dd.test_x, dd.clean_x, dd.val_x) if x is not None]
-        for _ in range(spec.epochs):
-            for split in splits:
-                for i in range(0, len(split), EVAL_BATCH):
-                    x = aug.eval(split[i:i + EVAL_BATCH]).contiguous(memory_format=fmt)  # (b, 3, 32, 32)
-                    with autocast(device, spec.precision):
-                        model(x)
-
-    built = setup()
-
-    def bare_steps() -> None:
-        for _ in range(runs_per_call):
-            steps(*built)
-
-    def bare_script() -> None:
-        for _ in range(runs_per_call):
-            dd, aug, model, opt = setup()
-            steps(dd, aug, model, opt)
-            eval_forwards(dd, aug, model)
-
-    def full() -> None:
-        for i in range(runs_per_call):
-            train_run(spec, data, dirs[-1] / f"run{i}", device)
-
-    with using_threads(threads):  # warm-up: the first run pays one-off costs (imports, FLOP count, allocator)
-        timed(full, device, before, after)
-        bare_script()
-    items, label = runs_per_call * spec.epochs * len(built[0].train_y), model_label(spec.model)
-    note = f"{spec.grid} spec: {len(built[0].train_y)} images x {spec.epochs} epoch(s), batch {spec.batch_size}, " \
-           f"{spec.precision}"
-    n = calls_per_round
-    return [Workload(LOOP_RUN, "loop", full, items, threads, model=label, precision=spec.precision, before=before,
-                     after=after, base=LOOP_BARE_EVAL, note=note, calls_per_round=n),
-            Workload(LOOP_BARE, "loop", bare_steps, items, threads, model=label, precision=spec.precision,
-                     note="the same steps on a model built once: no setup, metrics, files or evaluation",
-                     calls_per_round=n),
-            Workload(LOOP_BARE_EVAL, "loop", bare_script, items, threads, model=label, precision=spec.precision,
-                     note="data, input stats, model, optimiser; the same steps and evaluation forwards",
-                     calls_per_round=n)]
