@@ -67,16 +67,19 @@ def test_budget_and_overrides():
     assert {s.model.num_classes for s in cifar100} == {100}
 
 
-def test_a_budget_gives_each_row_of_a_zip_its_own_setting():
-    """dropout's cpu budget: the dropout arm gets twice the epoch cap; the other arm, and the gpu budget, keep
-    theirs, so the runs the budget did not change keep their ids."""
-    grid = load_grid("dropout")
-    cpu = {(s.model.dropout, s.epochs) for s in expand(grid, "cpu")}
-    assert cpu == {(0.0, 40), (0.5, 80)}
+def test_a_budget_gives_each_row_of_a_zip_its_own_setting(tmp_path):
+    """A per-arm epoch cap (the dropout arm twice the other's): the other arm, and the gpu budget, keep theirs, so
+    the runs the budget did not change keep their ids."""
+    text = ("seeds = [0, 1]\n[run]\narch = 'alexnet'\nepochs = 90\n[zip.dropout]\ndropout = [0.0, 0.5]\n"
+            "[budgets.cpu]\nepochs = 40\n")
+    flat = parse_grid("g", _write(tmp_path, text))
+    grid = parse_grid("g", _write(tmp_path, text + "[budgets.cpu.zip.dropout]\nepochs = [40, 80]\n"))
+    assert {(s.model.dropout, s.epochs) for s in expand(grid, "cpu")} == {(0.0, 40), (0.5, 80)}
     assert {s.epochs for s in expand(grid)} == {90}
-    flat = dataclasses.replace(grid, budgets={"cpu": {k: v for k, v in grid.budgets["cpu"].items() if k != "zip"}})
     same = {s.run_id for s in expand(flat, "cpu") if s.model.dropout == 0.0}
     assert same == {s.run_id for s in expand(grid, "cpu") if s.model.dropout == 0.0}
+    assert not {s.run_id for s in expand(flat, "cpu")} & {s.run_id for s in expand(grid, "cpu")
+                                                          if s.model.dropout == 0.5}
 
 
 def test_a_claim_declares_its_secondary_lines_or_gets_every_one_that_fits():
