@@ -295,8 +295,8 @@ def coverage(grid: GridResults) -> list[str]:
     if grid.meta.get("tune"):
         return [*notes, *_tuned_coverage(runs, axes, grid.meta), *_run_problems(grid, runs, axes)]
     seen = sorted({int(s) for s in runs.seed.dropna()})
-    planned = grid.meta.get("run_seeds") or (grid.meta.get("seeds") if grid.meta.get("budget", "gpu") == "gpu"
-                                             else None)
+    planned = defined_seeds(grid) or grid.meta.get("run_seeds") or (
+        grid.meta.get("seeds") if grid.meta.get("budget", "gpu") == "gpu" else None)
     expected = sorted(set(planned or []) | set(seen))
     cells = runs.groupby(axes, sort=True) if axes else [((), runs)]
     short = []
@@ -313,6 +313,16 @@ def coverage(grid: GridResults) -> list[str]:
         shown = "; ".join(f"{label or 'all'}: {h} of {len(expected)} seeds" for label, h in short[:8])
         notes.append(shown + (f"; and {len(short) - 8} more cells" if len(short) > 8 else ""))
     return notes + _run_problems(grid, runs, axes)
+
+
+def defined_seeds(grid: GridResults) -> list[int] | None:
+    """The seeds the grid file, as it stands, defines at the recorded budget (as the run selection reads it), not
+    those of the last `ablate run`; None for a grid without a file (a results folder from elsewhere)."""
+    try:
+        g = load_grid_file(grid.name)
+    except UserError:
+        return None
+    return list(g.budgets.get(grid.meta.get("budget") or "gpu", {}).get("seeds", g.seeds))
 
 
 def _tuned_coverage(runs: pd.DataFrame, axes: list[str], meta: dict) -> list[str]:
