@@ -101,7 +101,7 @@ GATE_BATCH = 64  # small: the gate must run inside the normal test command in we
 GATE_THREADS = 1  # one thread: steadier than two on a shared 2-core machine, and what the test suite uses
 GATE_GEMM = 1024
 # Every case is divided by the fp32 GEMM rate of the same run. The bf16 GEMM would be the natural yardstick for
-# bf16 cases, but on this shared CPU it jumps between ~0.4 and ~1.1 TFLOP/s from one run to the next while the
+# bf16 cases, but on a shared CPU it jumps between ~0.4 and ~1.1 TFLOP/s from one run to the next while the
 # steps do not, and bf16 cases normalised by it read ~45 % higher on a quiet machine than on a busy one; by the
 # fp32 GEMM, quiet and busy medians agree within ~15 %. Measured spread (22 gate runs over quiet and busy hours):
 # the worst case sat 27 % below its median, and 8 runs against the committed baseline stayed within -18 %;

@@ -106,7 +106,7 @@ def plan_workloads(cfg: BenchConfig, device: torch.device, data: CifarData, dset
         loads.extend(made if isinstance(made, list) else [made])
 
     for t in sorted(set(counts) | set(reference_counts if alexnet else ())):  # a ceiling for every row's threads
-        # the ceiling is the best of these sizes: on this CPU's AMX, a 1024 bf16 GEMM (in L2) reaches ~1.1 TFLOP/s,
+        # the ceiling is the best of these sizes: on an AMX CPU a 1024 bf16 GEMM (in L2) reaches ~1.1 TFLOP/s,
         # 4096 ~0.7-0.9 (results/bench/cpu-2026*.csv): a single size would flatter the efficiency
         for p, n in (("fp32", 1024), ("fp32", 2048), ("bf16", 1024), ("bf16", 2048)) + \
                 ((("bf16", 4096),) if not cfg.quick else ()):
