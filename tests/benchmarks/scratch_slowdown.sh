@@ -25,7 +25,8 @@ def augment(*args, **kw):
 open(p, "w").write(s)
 PY
 git -c user.email=scratch@localhost -c user.name=scratch commit -qam "scratch: the input pipeline made 15% slower on purpose"
-echo "processor: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) CPUs; $(date -u +%FT%TZ)"
+echo "processor: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) CPUs, torch CPU capability" \
+     "$(python -c 'import torch; print(torch.backends.cpu.get_cpu_capability())'); $(date -u +%FT%TZ)"
 python -m runners.cli bench --against HEAD~1 2>/dev/null
 rc=$?
 echo "gate exit code: $rc (3 = the slowdown was caught)"
