@@ -170,7 +170,7 @@ def parse_grid(name: str, path: Path) -> Grid:
                                     f"differ from selection seeds")
                 continue
             if key == "zip":  # a budget may give a zip's rows other values, e.g. a per-arm epoch cap
-                check_budget_zip(value, zips, where, f"budgets.{bname}.zip")
+                check_budget_zip(value, zips, set(axes), where, f"budgets.{bname}.zip")
                 continue
             if key == "axes":  # a budget may sweep fewer values of an existing Cartesian axis
                 check_table(value, where, f"budgets.{bname}.axes")
@@ -191,8 +191,9 @@ def parse_grid(name: str, path: Path) -> Grid:
                 tune=dict(tune) if tune is not None else None, tests_paper=_flag(raw, "tests_paper", where))
 
 
-def check_budget_zip(table: Any, zips: dict[str, dict[str, list]], where: str, name: str) -> None:
-    """A budget's `zip.NAME.KEY = [...]` sets a setting per row of an existing zip (one value per row)."""
+def check_budget_zip(table: Any, zips: dict[str, dict[str, list]], axes: set[str], where: str, name: str) -> None:
+    """A budget's `zip.NAME.KEY = [...]` sets a setting per row of an existing zip (one value per row); never an
+    axis of its own elsewhere, which would then take two values in one run."""
     check_table(table, where, name)
     for zname, group in table.items():
         if zname not in zips:
@@ -201,6 +202,10 @@ def check_budget_zip(table: Any, zips: dict[str, dict[str, list]], where: str, n
         check_table(group, where, f"{name}.{zname}")
         rows = len(next(iter(zips[zname].values())))
         for key, values in group.items():
+            elsewhere = axes | {k for other, g in zips.items() if other != zname for k in (*g, other)}
+            if key in elsewhere:
+                raise UserError(f"{where}: {name}.{zname}.{key}: {key!r} is already an axis of this grid; a budget "
+                                f"sets per row only what the grid fixes")
             if key == zname:
                 raise UserError(f"{where}: {name}.{zname}.{key} would change the zip's own values; a budget "
                                 f"sets other keys per row")

@@ -68,6 +68,10 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+EMULATED_BF16 = ("this CPU has no native bf16 (oneDNN reports no bf16 support: no AVX512 or AMX), so PyTorch "
+                 "emulates it, an order of magnitude slower than fp32")
+
+
 @functools.cache
 def native_bf16(device_type: str = "cpu") -> bool:
     """Whether bf16 convolutions and matmuls have a hardware path here. On a CPU that is oneDNN's bf16 support
@@ -87,9 +91,8 @@ def emulated_bf16_note(specs: list[RunSpec], device: torch.device, grid: str) ->
     n = sum(s.precision == "bf16" for s in specs)
     if not n or device.type != "cpu" or native_bf16("cpu"):
         return ""
-    return (f"note: {n} bf16 runs of grid {grid} train on a CPU without native bf16 (oneDNN reports no AVX512 or "
-            f"AMX), where PyTorch emulates it, an order of magnitude slower than fp32; `--precision fp32` trains "
-            f"fast here but makes different runs (their own ids), not the grid's recorded ones")
+    return (f"note: {n} bf16 runs of grid {grid} are about to train, and {EMULATED_BF16}; `--precision fp32` "
+            f"trains fast here but makes different runs (their own ids), not the grid's recorded ones")
 
 
 def device_name(device: torch.device) -> str:

@@ -61,9 +61,9 @@ def run_grid(request: GridRequest, reporter: PlainReporter | None = None, comman
     write_grid_json(store, grid, specs, budget, overrides, datasets, command)
 
     outcome = GridOutcome(grid.name, len(specs))
-    done = sum(store.is_done(grid.name, s.run_id) for s in specs)
-    reporter.grid(grid.name, len(specs), done)
-    if note := emulated_bf16_note([s for s in specs if not store.is_done(grid.name, s.run_id)], dev, grid.name):
+    to_train = [s for s in specs if not store.is_done(grid.name, s.run_id)]
+    reporter.grid(grid.name, len(specs), len(specs) - len(to_train))
+    if note := emulated_bf16_note(to_train, dev, grid.name):
         reporter.say(note)
     context = {"budget": budget, "overrides": overrides or {}}
     pending = list(enumerate(specs, 1))

@@ -274,12 +274,10 @@ def against(cfg: PairedConfig, say: Callable[[str], None] = print) -> PairedResu
 
 def machine_cases() -> tuple[tuple[str, ...], str]:
     """The cases for this CPU and, when they leave bf16 out, one line that says why."""
-    from runners.devices import native_bf16
+    from runners.devices import EMULATED_BF16, native_bf16
     if native_bf16("cpu"):
         return CASES, ""
-    return worker.default_cases(native_bf16=False), (
-        "this CPU has no native bf16 (oneDNN reports no bf16 support: no AVX512 or AMX), so PyTorch would emulate "
-        "it an order of magnitude slower: the gate times the fp32 forms of its cases")
+    return worker.default_cases(native_bf16=False), f"{EMULATED_BF16}: the gate times the fp32 forms of its cases"
 
 
 def result_lines(r: PairedResult) -> list[str]:

@@ -164,6 +164,8 @@ BAD_SPECS = [
     ("[zip.z]\nz = ['a', 'b']\n[budgets.cpu.zip.z]\nepochs = [1, 2, 3]\n", "one value per row of zip.z"),
     ("[zip.z]\nz = ['a', 'b']\n[budgets.cpu.zip.z]\nepochs = [0, 2]\n", "epochs must be >= 1"),
     ("[zip.z]\nz = ['a', 'b']\n[budgets.cpu.zip.z]\nz = ['c', 'd']\n", "the zip's own values"),
+    ("[axes]\nlrn = [true, false]\n[zip.z]\nz = ['a', 'b']\n[budgets.cpu.zip.z]\nlrn = [true, false]\n",
+     "'lrn' is already an axis"),
 ]
 
 
