@@ -44,7 +44,8 @@ from runners.progress import table_console
               help="With --against: make this tree's measurements slower by FRACTION (a busy-wait after each "
                    "timed call), to show what the gate catches.")
 @click.option("--update-baseline", is_flag=True,
-              help="Re-measure the gate and write <out>/baseline-cpu-<processor>.json for this processor model.")
+              help="Re-measure the gate and write <out>/baseline-cpu-<processor>-<instruction set>.json for this "
+                   "machine.")
 @click.option("--show", "saved", type=click.Path(dir_okay=False),
               help="Measure nothing: print the table and targets of a saved bench CSV.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a table.")
@@ -94,10 +95,10 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
     if baseline:
         result, base = bench.compare_to_baseline(Path(baseline), tolerance)
         if result is None:
-            here = bench.device_name(bench.pick_device(base.get("device", "cpu")))
-            click.echo(f"no baseline for this processor ({here}): {baseline} was measured on "
-                       f"{base['device_name']}; rates are compared like with like only (make one here with "
-                       f"`ablate bench --update-baseline`)")
+            here = bench.here_key(base.get("device", "cpu"))[1]
+            there = bench.machine_key(base["device_name"], base.get("cpu_capability") or "")
+            click.echo(f"no baseline for this processor ({here}): {baseline} was measured on {there}; rates are "
+                       "compared like with like only (make one here with `ablate bench --update-baseline`)")
             return
         click.echo("\n".join(result.lines()))
         sys.exit(0 if result.ok else 3)

@@ -68,6 +68,15 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def cpu_capability() -> str:
+    """The vector instruction set PyTorch's CPU kernels use here ("AVX2", "AVX512", ...): two CPUs of one model
+    name (every "AMD EPYC" of a cloud runner) can differ in it, and with it in every rate."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return ""
+
+
 EMULATED_BF16 = ("this CPU has no native bf16 (oneDNN reports no bf16 support: no AVX512 or AMX), so PyTorch "
                  "emulates it, an order of magnitude slower than fp32")
 

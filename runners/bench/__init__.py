@@ -7,11 +7,13 @@
 - suite: the full bench (`ablate bench`): plan, summary, targets, CSV and table.
 - paired: the regression gate (`ablate bench --against REV`): this tree against REV, in alternating fresh
   processes on one machine (worker.py is what each process runs).
-- baseline: the secondary check against a committed baseline of this processor model (`--compare`).
+- baseline: the secondary check against a committed baseline of this processor model and
+  instruction set (`--compare`).
 """
 from runners.bench.baseline import (GATE_CASES, GATE_TOLERANCE, GATE_UNIT, CaseVerdict, GateCase, GateMeasurement,
                                     Verdict, best_of, compare_to_baseline, default_baseline, gate_cases_for,
-                                    load_baseline, measure_gate, processor_key, update_baseline, verdict)
+                                    here_key, load_baseline, machine_key, measure_gate, processor_key, update_baseline,
+                                    verdict)
 from runners.bench.harness import (Workload, achieved_flops, calibrate, efficiency, median, normalised, overhead,
                                    ratio, time_interleaved, timed, units_per_call, using_threads)
 from runners.bench.suite import (BenchConfig, BenchResult, Target, bench_table, check_targets, read_results, run_bench,
@@ -28,8 +30,8 @@ __all__ = ["BenchConfig", "BenchResult", "CONVNET4", "CSV_COLUMNS", "CaseVerdict
            "SEED_ALEXNET", "SUITE_ALEXNET", "TRAIN_AUGMENT", "Target", "Verdict", "Workload", "achieved_flops",
            "bench_table", "best_of", "calibrate", "check_targets", "compare_to_baseline", "conv_pass_workloads",
            "default_baseline", "device_name", "efficiency", "eval_workload", "forward_flops_per_image",
-           "gate_cases_for", "gemm_workload", "kernel_bound", "load_baseline", "loop_spec", "loop_workloads",
-           "measure_gate",
+           "gate_cases_for", "gemm_workload", "here_key", "kernel_bound", "load_baseline", "loop_spec",
+           "loop_workloads", "machine_key", "measure_gate",
            "median", "model_label", "normalised", "overhead", "pick_device", "pipeline_calls", "pipeline_workload",
            "processor_key", "ratio", "read_results", "reference_flops_per_image", "run_bench", "summarise",
            "target_lines", "time_interleaved", "timed", "train_calls", "train_workload", "units_per_call",

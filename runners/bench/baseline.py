@@ -30,7 +30,7 @@ from runners.bench.workloads import (
     train_workload,
 )
 from runners.data import make_synthetic
-from runners.devices import device_name, pick_device
+from runners.devices import cpu_capability, device_name, pick_device
 
 
 @dataclass(frozen=True)
@@ -162,9 +162,23 @@ def processor_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or "unknown"
 
 
+def machine_key(name: str, capability: str = "") -> str:
+    """processor_key plus, on a CPU, the instruction set PyTorch uses: 'amd-epyc-avx2' and 'amd-epyc-avx512' are
+    two machines (a Zen 3 and a Zen 4 EPYC share the model name 'AMD EPYC' but not bf16 or AVX512)."""
+    key = processor_key(name)
+    return f"{key}-{processor_key(capability)}" if capability else key
+
+
+def here_key(device: str = "cpu") -> tuple[str, str]:
+    """This machine's device name and machine key."""
+    dev = pick_device(device)
+    name = device_name(dev)
+    return name, machine_key(name, cpu_capability() if dev.type == "cpu" else "")
+
+
 def default_baseline(device: str = "cpu") -> Path:
-    """The committed baseline for this machine's processor model (results/bench/baseline-<device>-<model>.json)."""
-    key = processor_key(device_name(pick_device(device)))
+    """The committed baseline for this machine (results/bench/baseline-<device>-<model>-<instruction set>.json)."""
+    key = here_key(device)[1]
     return Path(__file__).resolve().parents[2] / "results" / "bench" / f"baseline-{device}-{key}.json"
 
 
@@ -203,8 +217,7 @@ def compare_to_baseline(path: Path, tolerance: float | None = None, repeats: int
     measurements, while a burst of memory traffic from a neighbour (which the GEMM yardstick does not feel,
     measured: all cases -20 to -37 % for a few seconds) rarely lasts through two."""
     base = load_baseline(path)
-    here = device_name(pick_device(base.get("device", "cpu")))
-    if base.get("device_name") and processor_key(base["device_name"]) != processor_key(here):
+    if not same_machine(base):
         return None, base  # no baseline for this processor: like is compared with like only
     tol = float(base.get("tolerance", GATE_TOLERANCE)) if tolerance is None else tolerance
 
@@ -217,6 +230,17 @@ def compare_to_baseline(path: Path, tolerance: float | None = None, repeats: int
     if not v.ok:
         v = verdict(best_of(current, measure()), base["cases"], tol)
     return v, base
+
+
+def same_machine(base: dict) -> bool:
+    """Whether a baseline was measured on this kind of machine: the same processor model and, where the baseline
+    records one, the same CPU instruction set."""
+    name, key = here_key(base.get("device", "cpu"))
+    if not base.get("device_name"):
+        return True
+    if base.get("cpu_capability") is None:
+        return processor_key(base["device_name"]) == processor_key(name)
+    return machine_key(base["device_name"], base["cpu_capability"]) == key
 
 
 def update_baseline(path: Path, rounds: int = 5, repeats: int = 7, device: str = "cpu") -> dict:
@@ -232,7 +256,9 @@ def update_baseline(path: Path, rounds: int = 5, repeats: int = 7, device: str =
                          "images_per_s": median(m.rates[c.name] for m in measured),
                          "worst_drop_vs_median": 1 - min(values) / median(values)}
     dev = pick_device(device)
-    base = {"device": dev.type, "device_name": device_name(dev), "threads": GATE_THREADS, "batch": GATE_BATCH,
+    base = {"device": dev.type, "device_name": device_name(dev),
+            "cpu_capability": cpu_capability() if dev.type == "cpu" else "", "threads": GATE_THREADS,
+            "batch": GATE_BATCH,
             "torch_version": torch.__version__, "created": datetime.now().isoformat(timespec="seconds"),
             "command": "ablate bench --update-baseline", "unit": GATE_UNIT, "tolerance": GATE_TOLERANCE,
             "gemm_fp32_flops": median(m.gemm_flops for m in measured),

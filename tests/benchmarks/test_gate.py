@@ -2,7 +2,7 @@
 
 The gate cases (runners.bench.GATE_CASES: small training steps and the pipeline) are timed interleaved with an
 fp32 GEMM, each normalised by the GEMM rate from the same run (runners.bench.GATE_UNIT), and compared with the
-committed results/bench/baseline-cpu-<processor>.json of this processor model (another model's rates are not
+committed results/bench/baseline-cpu-<processor>-<instruction set>.json of this machine (another's rates are not
 comparable, and its baseline is refused): a case more than the baseline's tolerance (35 %) below, in this
 measurement and in one more taken on failure, fails (as `ablate bench --compare` decides).
 Refresh the baseline after an intended change with `ablate bench --update-baseline`.

@@ -327,3 +327,42 @@ def test_a_baseline_of_another_processor_is_refused_not_compared(tmp_path, monke
     monkeypatch.setattr(bench.baseline, "measure_gate", lambda *a, **k: pytest.fail("must not measure"))
     v, base = bench.compare_to_baseline(path)
     assert v is None and base["device_name"] == "Some Other CPU, 64 CPUs"
+
+
+def test_a_baseline_of_the_same_model_name_with_another_instruction_set_is_refused(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from runners.cli import main
+    # two cloud runners that both say "AMD EPYC": a Zen 3 (AVX2, bf16 emulated) and a Zen 4 (AVX512, native bf16)
+    assert bench.machine_key("AMD EPYC, 2 CPUs", "AVX2") == "amd-epyc-avx2"
+    assert bench.machine_key("AMD EPYC, 2 CPUs", "AVX512") == "amd-epyc-avx512"
+    assert bench.machine_key("AMD EPYC, 2 CPUs") == "amd-epyc"
+    monkeypatch.setattr(bench.baseline, "device_name", lambda dev: "AMD EPYC, 2 CPUs")
+    monkeypatch.setattr(bench.baseline, "cpu_capability", lambda: "AVX2")
+    assert bench.default_baseline("cpu").name == "baseline-cpu-amd-epyc-avx2.json"
+    monkeypatch.setattr(bench.baseline, "measure_gate", lambda *a, **k: pytest.fail("must not measure"))
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps({"tolerance": 0.35, "device": "cpu", "device_name": "AMD EPYC, 2 CPUs",
+                                "cpu_capability": "AVX512", "cases": {"convnet4-bf16": {"normalised": 10.0}}}))
+    v, base = bench.compare_to_baseline(path)
+    assert v is None and base["cpu_capability"] == "AVX512"
+    refused = CliRunner().invoke(main, ["bench", "--compare", str(path)])
+    assert refused.exit_code == 0 and refused.output.startswith(
+        "no baseline for this processor (amd-epyc-avx2): ") and "measured on amd-epyc-avx512" in refused.output
+    # the same machine is compared: the rule runs (here on a measurement handed in)
+    path.write_text(json.dumps({"tolerance": 0.35, "device": "cpu", "device_name": "AMD EPYC, 2 CPUs",
+                                "cpu_capability": "AVX2", "cases": {"convnet4-bf16": {"normalised": 10.0}}}))
+    measured = bench.GateMeasurement(normalised={"convnet4-bf16": 9.0}, rates={}, gemm_flops=1.0)
+    v, _ = bench.compare_to_baseline(path, first=measured)
+    assert v is not None and v.ok
+
+
+def test_every_committed_baseline_names_its_instruction_set_in_its_file_name():
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[2] / "results" / "bench"
+    found = sorted(folder.glob("baseline-*.json"))
+    assert found
+    for path in found:
+        base = json.loads(path.read_text())
+        key = bench.machine_key(base["device_name"], base["cpu_capability"])
+        assert path.name == f"baseline-{base['device']}-{key}.json", path
