@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from runners.cli import main
 from runners.store import AGGREGATE_EPOCH_COLUMNS
+from tests.precision import FAST_PRECISION
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMING = ["epoch_seconds", "images_per_second", "cum_seconds", "wall_seconds", "train_seconds",
@@ -29,7 +30,8 @@ RUN_COLUMNS = ["run_id", "grid", "status", "stop_reason", "activation", "lrn", "
 
 
 def _args(out, data_dir, *extra):
-    return ["run", "--grid", "smoke", "--out", str(out), "--data-dir", str(data_dir), "--plain", *extra]
+    return ["run", "--grid", "smoke", "--out", str(out), "--data-dir", str(data_dir), "--plain", *FAST_PRECISION,
+            *extra]
 
 
 def _subprocess(out, data_dir, *extra):

@@ -23,6 +23,7 @@ from runners.launch import GridOutcome
 from runners.progress import PlainReporter
 from runners.store import Store
 from runners.train import TrainOptions, train_run
+from tests.precision import FAST_PRECISION
 
 CPU = torch.device("cpu")
 TIMING = ["epoch_seconds", "images_per_second", "cum_seconds", "wall_seconds", "train_seconds", "threads", "host"]
@@ -122,7 +123,7 @@ def test_a_killed_rank_fails_the_run_cleanly_and_it_resumes(tmp_path, data_dir, 
 
 def _smoke(out: Path, data_dir: Path, *extra: str) -> list[str]:
     return ["run", "--grid", "smoke", "--seeds", "1", "--out", str(out), "--data-dir", str(data_dir), "--plain",
-            *extra]
+            *FAST_PRECISION, *extra]
 
 
 @pytest.fixture(scope="module")

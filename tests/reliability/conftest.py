@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.precision import FAST_OVERRIDES, FAST_PRECISION
 from tests.reliability.harness import ablate
 
 TALLY: Counter = Counter()  # "kill points", "bad inputs", "kill points: <where>"
@@ -29,7 +30,13 @@ def kill_grid_args(out: Path, data_dir: Path, seeds: str = "1", epochs: int = 3,
     """The smoke grid cut to 4 runs x 3 epochs of 2 batches of a half-width net: every kind of kill point in a
     few seconds."""
     return ["run", "--grid", grid, "--seeds", seeds, "--epochs", str(epochs), "--subset", "128",
-            "--test-subset", "50", "--width", "0.0625", "--plain", "--out", str(out), "--data-dir", str(data_dir)]
+            "--test-subset", "50", "--width", "0.0625", "--plain", "--out", str(out), "--data-dir", str(data_dir),
+            *FAST_PRECISION]
+
+
+def kill_grid_overrides(epochs: int = 3) -> dict:
+    """The settings kill_grid_args overrides, for plan(): the run ids of the runs it trains."""
+    return {"epochs": epochs, "subset": 128, "test_subset": 50, "width": 0.0625, **FAST_OVERRIDES}
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from runners.cli import main
 from runners.launch import plan
 from runners.locks import RunLock
 from runners.store import load_checkpoint
-from tests.reliability.conftest import DIVERGING_GRID, kill_grid_args
+from tests.reliability.conftest import DIVERGING_GRID, kill_grid_args, kill_grid_overrides
 from tests.reliability.harness import ablate, assert_same_results, epochs_trained, finished_runs, hold_lock, \
     snapshot, start, wait_for
 
@@ -94,7 +94,7 @@ def test_full_disk_is_one_line_and_keeps_every_earlier_result(tmp_path, data_dir
 def test_live_lock_is_left_alone_and_a_dead_holders_lock_taken_over(tmp_path, data_dir):
     out = tmp_path / "out"
     args = [*kill_grid_args(out, data_dir, epochs=1), "--no-wait"]
-    _, specs = plan("smoke", "gpu", {"epochs": 1, "subset": 128, "test_subset": 50, "width": 0.0625}, [0])
+    _, specs = plan("smoke", "gpu", kill_grid_overrides(epochs=1), [0])
     locked = out / "smoke" / "runs" / specs[1].run_id
     locked.mkdir(parents=True)
     holder = hold_lock(locked / "run.lock", 120)  # a live process holds the run's lock

@@ -117,10 +117,10 @@ def test_non_finite_numbers_and_empty_grids_are_refused(tmp_path, text, message)
 
 def test_a_waiting_process_says_once_what_it_waits_for(tmp_path, data_dir):
     from runners.launch import plan
-    from tests.reliability.conftest import kill_grid_args
+    from tests.reliability.conftest import kill_grid_args, kill_grid_overrides
     from tests.reliability.harness import start, wait_for
     out = tmp_path / "out"
-    _, specs = plan("smoke", "gpu", {"epochs": 1, "subset": 128, "test_subset": 50, "width": 0.0625}, [0])
+    _, specs = plan("smoke", "gpu", kill_grid_overrides(epochs=1), [0])
     rdir = out / "smoke" / "runs" / specs[0].run_id
     rdir.mkdir(parents=True)
     holder = hold_lock(rdir / "run.lock", 120)
