@@ -305,7 +305,7 @@ def _evaluate_row(grid: GridResults, claim: Claim, rows: pd.DataFrame,
                        tuned_a=tuned.get("a"), tuned_b=tuned.get("b"),
                        runs_a=tuple(used["a"].run_id), runs_b=tuple(used["b"].run_id),
                        verdict=text, bound=bound, notes=tuple(notes),
-                       dataset_label=grid.label("dataset_label"), budget=grid.label("budget"),
+                       dataset_label=grid.label("dataset_label"), budget=grid.budget_label(),
                        precision=grid.label("precision"), reason=reason, detectable=mde, seeds_needed=needed,
                        regime=regime, selection=selection)
 
@@ -322,7 +322,7 @@ def _empty(grid: GridResults, claim: Claim, split: tuple, why: str) -> ClaimResu
     return ClaimResult(grid=grid.name, claim=claim, split=split, interval=Interval(nan, nan, nan, 0, "none"),
                        paired=False, n_a=0, n_b=0, censored_a=0, censored_b=0, cap=nan, tuned_a=None, tuned_b=None,
                        runs_a=(), runs_b=(), verdict=NO_DATA, bound="", notes=(why,),
-                       dataset_label=grid.label("dataset_label"), budget=grid.label("budget"),
+                       dataset_label=grid.label("dataset_label"), budget=grid.budget_label(),
                        precision=grid.label("precision"))
 
 

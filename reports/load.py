@@ -58,6 +58,13 @@ class GridResults:
     def command(self, default: str = "") -> str:
         return self.meta.get("command") or default or f"ablate run --grid {self.name}"
 
+    def budget_label(self) -> str:
+        """The budget with the overrides the reported runs were made with ("cpu (precision=fp32)"): a verdict names
+        what was run, not only the preset it started from."""
+        budget = self.label("budget")
+        over = self.meta.get("overrides") or {}
+        return f"{budget} ({', '.join(f'{k}={canon(v)}' for k, v in sorted(over.items()))})" if over else budget
+
     def label(self, column: str, meta_key: str | None = None) -> str:
         """The value(s) a column holds, as recorded (e.g. the data set label), else grid.json's."""
         if column in self.runs and self.runs[column].notna().any():

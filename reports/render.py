@@ -136,7 +136,7 @@ def write_report(report: Report, out_dir: Path, dpi: int = 150) -> Path:
 
 def _cost_markdown(report: Report) -> list[str]:
     """What the reported runs cost, measured: machine time per grid (wall x threads / cores, machine_seconds)."""
-    rows = [(g.name, g.label("budget") or "-", int(g.runs.status.isin(FINISHED).sum()),
+    rows = [(g.name, g.budget_label() or "-", int(g.runs.status.isin(FINISHED).sum()),
              machine_seconds(g.runs)) for g in report.grids if g.meta.get("tests_paper", True) and len(g.runs)]
     if not rows:
         return []
@@ -211,7 +211,7 @@ def _grid_markdown(grid: GridResults, missing: list[str], figures: list[Path], c
     if meta.get("description"):  # the grid file's intent; what the runs really used is the settings line below
         lines += ["*The grid file:* " + " ".join(str(meta["description"]).split()), ""]
     lines += [f"- Data set: {grid.label('dataset_label', 'dataset') or 'not recorded'}; budget: "
-              f"{grid.label('budget') or '-'}; model: {meta.get('model', '-')}",
+              f"{grid.budget_label() or '-'}; model: {meta.get('model', '-')}",
               "- Settings of every reported run (from their spec.json): " + (grid.settings_text() or "not recorded"),
               "- Precision: " + _precision_counts(grid.runs),
               f"- Command that produced the runs: `{grid.command()}`",

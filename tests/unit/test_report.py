@@ -615,3 +615,20 @@ def test_a_grid_still_training_its_first_runs_is_reported_as_no_runs_yet(tmp_pat
     (gdir / "runs" / "abc123").mkdir(parents=True)  # a run in progress: a folder, no summary yet
     (grid,) = load_results(tmp_path)
     assert grid.runs.empty
+
+
+def test_a_grid_run_with_overrides_names_them_beside_its_budget(tmp_path):
+    from reports.render import README_END, README_START, build_report, update_readme, write_report
+    runs = [{**r, "precision": "fp32"} for r in lrn_runs(range(3), 1.4, noise_points=0.05)]
+    write_grid(tmp_path / "results", "lrn", runs, [LRN_CLAIM], target=None, budget="cpu",
+               extra_meta={"overrides": {"precision": "fp32"}})
+    report = build_report(tmp_path / "results")
+    (r,) = report.results
+    assert r.budget == "cpu (precision=fp32)" and r.verdict == LARGER  # the runs are kept, and say how they ran
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_START}\n{README_END}\n")
+    update_readme(report, readme)
+    assert "| same direction, larger | 3 | cpu (precision=fp32) |" in readme.read_text()
+    write_report(report, tmp_path / "report")
+    text = (tmp_path / "report" / "REPORT.md").read_text()
+    assert "budget: cpu (precision=fp32)" in text and "| lrn | cpu (precision=fp32) | 6 |" in text
