@@ -3,11 +3,11 @@
 Rates measured on different machines, or hours apart on one shared machine, are not comparable; rates measured
 minutes apart on one machine, in alternating fresh processes, are (asv's `continuous`, pyperf's `compare_to`). So
 the gate checks REV out into a temporary git worktree and runs worker.py for head and base in pairs of fresh
-processes: side by side, one per core, where the machine has two (both then see the same moment's load, which
-cancels in their ratio: measured here, that halves the time per pair and narrows the spread of the ratios for
-most cases), else one after the other; either way in ABBA order (head first, then base first, ...). Each pair gives
-one head/base time ratio per case; a case's verdict reads the Hodges-Lehmann centre of the log ratios and its
-exact Wilcoxon signed-rank interval (robust to the odd disturbed process, no normality assumed):
+processes: side by side, one per core, where the machine has two, and in lockstep (each timed call starts in both
+at once, so both see the same moment's load, which cancels in their ratio), else one after the other; either way
+in ABBA order (head first, then base first, ...). Each pair gives one head/base time ratio per case; a case's
+verdict reads the Hodges-Lehmann centre of the log ratios and its exact Wilcoxon signed-rank interval (robust to
+the odd disturbed process, no normality assumed):
 
 - slower: the whole interval lies above 1 + tolerance (slower than the tolerance, with confidence): the gate fails;
 - ok: it does not, and its top lies below 1 + 2 x tolerance: a slowdown of twice the tolerance (10% by default,
@@ -174,13 +174,28 @@ def resolve(root: Path, rev: str) -> str:
         raise UserError(f"--against: {rev!r} is not a commit of {root} (try HEAD~1, a branch or a hash)") from None
 
 
+def spawn(argv: list[str]) -> subprocess.Popen:
+    """A worker process; its errors go to a file, not a pipe, so a chatty one cannot block on a full pipe while
+    the gate waits on its stdout."""
+    errors = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
+                            cwd=tempfile.gettempdir())
+    proc.errors = errors  # type: ignore[attr-defined]
+    return proc
+
+
 def start_worker(tree: Path, job: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", LAUNCH, str(WORKER), json.dumps({"tree": str(tree), **job})],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+    return spawn([sys.executable, "-c", LAUNCH, str(WORKER), json.dumps({"tree": str(tree), **job})])
 
 
-def finish_worker(proc: subprocess.Popen) -> dict:
-    out, err = proc.communicate()
+def finish_worker(proc: subprocess.Popen, first: str = "") -> dict:
+    """The worker's result line; `first` is what lockstep already read of its output."""
+    proc.stdin.close()
+    out = first + proc.stdout.read()
+    proc.wait()
+    proc.errors.seek(0)
+    err = proc.errors.read()
+    proc.errors.close()
     if proc.returncode != 0:
         raise RuntimeError((err.strip().splitlines() or ["no output"])[-1])
     return json.loads(out.strip().splitlines()[-1])
@@ -190,13 +205,40 @@ def run_worker(tree: Path, job: dict) -> dict:
     return finish_worker(start_worker(tree, job))
 
 
+def next_ready(proc: subprocess.Popen, kept: list[str]) -> bool:
+    """Read a worker's output up to its next "ready" (True) or to its end (False), keeping every other line."""
+    for line in iter(proc.stdout.readline, ""):
+        if line == "ready\n":
+            return True
+        kept.append(line)
+    return False
+
+
+def lockstep(procs: dict[str, subprocess.Popen]) -> dict[str, str]:
+    """Release the side-by-side workers' timed calls together: each says "ready" before a timed call, and once
+    both have, both are told to go. Head and base then time the same case under the same moment's load (free
+    running, they drift apart, and a memory-bound pipeline case of one meets a compute-bound step of the other).
+    Returns what else each printed so far (its result, once it has ended); when one ends or dies, the other goes
+    on alone (finish_worker closes its input)."""
+    kept: dict[str, list[str]] = {side: [] for side in procs}
+    while all(next_ready(proc, kept[side]) for side, proc in procs.items()):
+        for proc in procs.values():
+            try:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            except OSError:  # it died between its ready and our go: finish_worker reports why
+                pass
+    return {side: "".join(lines) for side, lines in kept.items()}
+
+
 def run_pair(trees: dict[str, Path], jobs: dict[str, dict], order: tuple[str, str], concurrent: bool) -> dict:
-    """One head and one base measurement: side by side on two cores (both see the same moment's load, which
-    then cancels in their ratio) or one after the other; `order` alternates who starts first."""
+    """One head and one base measurement: side by side on two cores, in lockstep (both see the same moment's
+    load, which then cancels in their ratio), or one after the other; `order` alternates who starts first."""
     if not concurrent:
         return {side: run_worker(trees[side], jobs[side]) for side in order}
-    procs = {side: start_worker(trees[side], jobs[side]) for side in order}
-    return {side: finish_worker(proc) for side, proc in procs.items()}
+    procs = {side: start_worker(trees[side], {**jobs[side], "lockstep": True}) for side in order}
+    first = lockstep(procs)
+    return {side: finish_worker(proc, first[side]) for side, proc in procs.items()}
 
 
 def usable_cases(cfg: PairedConfig, trees: dict[str, Path]) -> tuple[list[str], dict[str, str]]:

@@ -6,8 +6,10 @@ code under test differs. This file imports nothing of the suite at module level:
 tree's modules before the tree under test is on sys.path.
 
 Input, one JSON object on argv[1]: {"tree", "cases", "units" (work per timed call, {} to calibrate), "calls",
-"threads", "stall"}. Output, one JSON line on stdout: {"runners": the imported package's folder, "seconds": {case:
-[seconds per unit of work, one per timed call]}} or, when calibrating, {"unit_seconds": {case: seconds}}.
+"threads", "stall", and optionally "lockstep"}. With lockstep, the worker prints "ready" before each timed call and
+waits for a line on stdin: the gate releases head's and base's calls together. Output, one JSON line on stdout:
+{"runners": the imported package's folder, "seconds": {case: [seconds per unit of work, one per timed call]}} or,
+when calibrating, {"unit_seconds": {case: seconds}}.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from pathlib import Path
 
 BATCH = 64  # small: the whole gate must fit in a CI job
 EVAL_UNIT = 50  # test images per unit of evaluation work
-LOOP_IMAGES = 512  # images per epoch of the run-loop case
+LOOP_IMAGES = 256  # images per epoch of the run-loop case: a short run, since what it guards is the loop's own
+# work around the steps (setup, metrics, evaluation, files), and its four runs per process are the gate's longest case
+LOOP_TEST = 128
 LEVELS = ("none", "flip", "crop_flip", "crop_flip_pca")
 
 # name -> (kind, model arch, width, precision, augmentation level, test crops)
@@ -54,6 +58,13 @@ def spin(seconds: float) -> None:
         pass
 
 
+def wait_for_go() -> None:
+    """Lockstep: say ready, then wait for the gate's go, so that head and base time the same call of the same case
+    at the same moment (an end of input means the partner is gone: go on alone)."""
+    print("ready", flush=True)
+    sys.stdin.readline()
+
+
 def build(name: str, data, raw, device, tmp: Path):
     """make(units) -> a call doing `units` units of the case's work, from the tree under test's public code."""
     import torch
@@ -83,7 +94,7 @@ def build(name: str, data, raw, device, tmp: Path):
             return lambda: evaluate(model, dd, aug, spec, device)
         return make_eval
     spec = RunSpec(model=model_spec, precision=precision, augment=level, epochs=1, batch_size=BATCH,
-                   subset=LOOP_IMAGES, test_subset=256, val_size=64)
+                   subset=LOOP_IMAGES, test_subset=LOOP_TEST, val_size=64)
     counter = iter(range(10 ** 9))
 
     def make_loop(k: int):  # k whole runs, each in a fresh folder: setup, steps, metrics, evaluation, files
@@ -141,6 +152,8 @@ def measure(job: dict) -> dict:
             run()  # warm-up on the timed call itself: its shapes (an evaluation's last batch) get their primitives
             times = []
             for _ in range(int(job["calls"])):
+                if job.get("lockstep"):
+                    wait_for_go()
                 t0 = time.perf_counter()
                 run()
                 took = time.perf_counter() - t0

@@ -3,6 +3,8 @@ on simulated timings, and one real run against HEAD in a git worktree."""
 import math
 import random
 import subprocess
+import sys
+import textwrap
 
 import pytest
 from click.testing import CliRunner
@@ -79,6 +81,44 @@ def test_compare_trees_on_simulated_timings(tmp_path, monkeypatch, slowdown, noi
     assert words[expected] in paired.result_lines(r)[-1]
 
 
+# A stand-in for worker.py's lockstep protocol: before each of three timed calls it leaves a mark, says ready and
+# waits for go; after go it looks for its partner's mark of the same call. One side dawdles before each ready, so
+# a gate that let either go early would be seen; a stray line of output (a library's warning) must not end it.
+LOCKSTEP_WORKER = textwrap.dedent("""
+    import json, pathlib, sys, time
+    me, other, folder, dawdle = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]), float(sys.argv[4])
+    seen = []
+    print("a stray line", flush=True)
+    for call in range(3):
+        time.sleep(dawdle)
+        (folder / f"{me}{call}").touch()
+        print("ready", flush=True)
+        sys.stdin.readline()
+        seen.append((folder / f"{other}{call}").exists())
+    print(json.dumps({"seen": seen}))
+""")
+
+
+def fake_worker(folder, me, other, dawdle=0.0, script=LOCKSTEP_WORKER):
+    return paired.spawn([sys.executable, "-c", script, me, other, str(folder), str(dawdle)])
+
+
+def test_lockstep_releases_each_timed_call_only_once_both_workers_are_ready(tmp_path):
+    procs = {"head": fake_worker(tmp_path, "head", "base", dawdle=0.2), "base": fake_worker(tmp_path, "base", "head")}
+    first = paired.lockstep(procs)
+    out = {side: paired.finish_worker(proc, first[side]) for side, proc in procs.items()}
+    assert out == {"head": {"seen": [True] * 3}, "base": {"seen": [True] * 3}}
+
+
+def test_lockstep_with_a_worker_that_dies_ends_and_names_the_failure(tmp_path):
+    dies = "import sys; sys.exit('ImportError: no module named runners')"
+    procs = {"head": fake_worker(tmp_path, "head", "base"), "base": fake_worker(tmp_path, "base", "head", script=dies)}
+    first = paired.lockstep(procs)
+    assert paired.finish_worker(procs["head"], first["head"]) == {"seen": [False] * 3}, "goes on alone"
+    with pytest.raises(RuntimeError, match="no module named runners"):
+        paired.finish_worker(procs["base"], first["base"])
+
+
 def test_a_case_the_base_cannot_build_is_named_and_left_out(tmp_path, monkeypatch):
     sim = simulated(0.0, 0.01)
 
@@ -126,8 +166,8 @@ def test_against_head_runs_both_trees_in_fresh_processes_and_removes_its_worktre
     seen = []
     real = paired.finish_worker
 
-    def spy(proc):
-        out = real(proc)
+    def spy(proc, first=""):
+        out = real(proc, first)
         seen.append(out["runners"])
         return out
     monkeypatch.setattr(paired, "finish_worker", spy)
