@@ -370,9 +370,10 @@ def _run_problems(grid: GridResults, runs: pd.DataFrame, axes: list[str]) -> lis
 
 
 def machine_seconds(runs: pd.DataFrame) -> float:
-    """The machine time a grid's finished runs took: each run's wall time x its threads / the machine's cores
-    (read from device_name, "..., 2 CPUs"), so that runs trained two at a time (--jobs 2, a thread each) count
-    half their wall time each, and one run on every core counts its own. GPU runs count their wall time."""
+    """The machine time a grid's finished runs took: each run's wall time x its threads x its processes (a DDP
+    run's world_size) / the machine's cores (read from device_name, "..., 2 CPUs"), so that runs trained two at a
+    time (--jobs 2, a thread each) count half their wall time each, and one run on every core, in one process or
+    in one per core, counts its own. GPU runs count their wall time."""
     done = runs[runs.status.isin(FINISHED)] if "status" in runs else runs
     if not len(done) or "wall_seconds" not in done:
         return 0.0
@@ -381,5 +382,6 @@ def machine_seconds(runs: pd.DataFrame) -> float:
         wall = float(r.wall_seconds) if pd.notna(r.get("wall_seconds")) else 0.0
         cores = re.search(r"(\d+) CPUs?$", str(r.get("device_name", "")))
         threads = float(r.get("threads")) if pd.notna(r.get("threads")) else 0.0
+        threads *= float(r.get("world_size")) if pd.notna(r.get("world_size", float("nan"))) else 1.0
         total += wall * (min(threads, float(cores.group(1))) / float(cores.group(1)) if cores and threads else 1.0)
     return total

@@ -573,13 +573,16 @@ def test_machine_time_counts_each_run_by_its_share_of_the_cores():
     import pandas as pd
 
     from reports.load import machine_seconds
-    runs = pd.DataFrame({"status": ["finished", "finished", "diverged", "failed", "finished"],
-                         "wall_seconds": [100.0, 100.0, 60.0, 500.0, 30.0],
-                         "threads": [1, 2, 1, 1, 8],
+    runs = pd.DataFrame({"status": ["finished", "finished", "diverged", "failed", "finished", "finished"],
+                         "wall_seconds": [100.0, 100.0, 60.0, 500.0, 30.0, 40.0],
+                         "threads": [1, 2, 1, 1, 8, 1],
+                         "world_size": [1, 1, 1, 1, 1, 2],
                          "device_name": ["Some CPU, 2 CPUs", "Some CPU, 2 CPUs", "Some CPU, 2 CPUs",
-                                         "Some CPU, 2 CPUs", "NVIDIA H200"]})
-    # two at a time on 2 cores count half; one on both cores counts whole; a failed run is not part of the results
-    assert machine_seconds(runs) == pytest.approx(50 + 100 + 30 + 30)
+                                         "Some CPU, 2 CPUs", "NVIDIA H200", "Some CPU, 2 CPUs"]})
+    # two at a time on 2 cores count half; one on both cores counts whole, as one process of two threads or as two
+    # DDP processes of one; a failed run is not part of the results
+    assert machine_seconds(runs) == pytest.approx(50 + 100 + 30 + 30 + 40)
+    assert machine_seconds(runs.drop(columns="world_size").iloc[:5]) == pytest.approx(50 + 100 + 30 + 30)
     assert machine_seconds(runs.iloc[:0]) == 0.0
 
 
