@@ -62,10 +62,13 @@ def main() -> None:
     args = ap.parse_args()
     name = f"gate-power-{processor_key(device_name(pick_device('cpu')))}"
     csv_path, json_path = args.out / f"{name}.csv", args.out / f"{name}.json"
+    cases, why = paired.machine_cases()  # what `ablate bench --against` times here: the fp32 forms without native bf16
+    if why:
+        print(why)
     rows: list[dict] = []
     for t in range(args.trials):
         for kind, stall in (("unchanged", 0.0), ("slowed", args.slowdown)):
-            r = paired.against(paired.PairedConfig(rev="HEAD", stall=stall), say=lambda _: None)
+            r = paired.against(paired.PairedConfig(rev="HEAD", cases=cases, stall=stall), say=lambda _: None)
             rows += trial_rows(t, kind, r)
             print(f"trial {t + 1}/{args.trials} {kind}: {r.verdict} ({r.seconds:.0f} s)", flush=True)
             table = pd.DataFrame(rows)
