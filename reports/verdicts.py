@@ -160,7 +160,7 @@ def _reason(text: str, iv: Interval, claim: Claim, mde: float, needed: int | Non
     none = "1x" if claim.effect == "ratio" else "0"
     paper = fmt(claim.paper, claim) if claim.paper is not None else ""
     power_note = ""
-    if math.isfinite(mde):
+    if math.isfinite(mde) and claim.per == 1:  # a per-N line (efficiency) shares its speed-up's power: that row says it
         power_note = f"; these seeds detect only effects of {fmt(mde, claim)} or more (80% power)"
         target = claim.margin if claim.margin is not None else claim.paper
         if target is not None and needed and (mde > abs(target) if claim.effect != "ratio" else mde > target):

@@ -377,6 +377,9 @@ def test_render_writes_report_verdicts_and_figures(tmp_path):
                                    "overlap-pool"}
     assert verdicts.set_index("claim").loc["lrn", "verdict"] == INCONCLUSIVE
     assert verdicts.set_index("claim").loc["overlap-pool", "verdict"] == "no data"
+    reasons = verdicts.set_index("claim").reason
+    assert "detect only effects of" in reasons["data-parallel"]
+    assert "detect only" not in reasons["data-parallel/efficiency"], "a speed-up's power, not an efficiency of 104%"
     figures = sorted((tmp_path / "out" / "figures").glob("*.png"))
     names = {p.stem for p in figures}
     assert {"claims_forest", "relu_vs_tanh_figure1", "lrn_lrn_variants", "dropout_dropout_variants",
