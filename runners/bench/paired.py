@@ -257,6 +257,25 @@ def usable_cases(cfg: PairedConfig, trees: dict[str, Path]) -> tuple[list[str], 
     return usable, skipped
 
 
+def calibrate(cfg: PairedConfig, trees: dict[str, Path], concurrent: bool) -> dict[str, dict]:
+    """One untimed pass of every case in each tree: head's sizes each case's timed call, base's shows that every
+    case builds there. Side by side where the pairs will be (half the wait, and under the same load); a
+    RuntimeError when either fails, once both have ended."""
+    job = {"cases": list(cfg.cases), "units": {}, "calls": 1, "threads": cfg.threads, "stall": 0}
+    if not concurrent:
+        return {side: run_worker(tree, job) for side, tree in trees.items()}
+    procs = {side: start_worker(tree, job) for side, tree in trees.items()}
+    out, failed = {}, None
+    for side, proc in procs.items():
+        try:
+            out[side] = finish_worker(proc)
+        except RuntimeError as err:
+            failed = failed or err
+    if failed:
+        raise failed
+    return out
+
+
 def units_for(unit_seconds: dict[str, float], call_seconds: float) -> dict[str, int]:
     return {c: max(1, math.ceil(call_seconds / s)) if s > 0 else 1 for c, s in unit_seconds.items()}
 
@@ -266,11 +285,10 @@ def compare_trees(cfg: PairedConfig, head: Path, base: Path, say: Callable[[str]
     """cfg.pairs pairs of head and base workers in ABBA order, then one verdict per case."""
     start = time.perf_counter()
     trees = {"head": head, "base": base}
+    concurrent = cfg.concurrent if cfg.concurrent is not None else (os.cpu_count() or 1) >= 2 * cfg.threads
     try:
-        calib = run_worker(head, {"cases": list(cfg.cases), "units": {}, "calls": 1, "threads": cfg.threads,
-                                  "stall": 0})
+        calib = calibrate(cfg, trees, concurrent)["head"]
         cases, skipped = list(cfg.cases), {}
-        run_worker(base, {"cases": cases, "units": {}, "calls": 1, "threads": cfg.threads, "stall": 0})
     except RuntimeError:
         cases, skipped = usable_cases(cfg, trees)
         if not cases:
@@ -279,7 +297,6 @@ def compare_trees(cfg: PairedConfig, head: Path, base: Path, say: Callable[[str]
         calib = run_worker(head, {"cases": cases, "units": {}, "calls": 1, "threads": cfg.threads, "stall": 0})
     units = units_for(calib["unit_seconds"], cfg.call_seconds)
     ratios: dict[str, list[float]] = {c: [] for c in cases}
-    concurrent = cfg.concurrent if cfg.concurrent is not None else (os.cpu_count() or 1) >= 2 * cfg.threads
     jobs = {side: {"cases": cases, "units": units, "calls": cfg.calls, "threads": cfg.threads,
                    "stall": cfg.stall if side == "head" else 0.0} for side in trees}
     for i in range(cfg.pairs):

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 BATCH = 64  # small: the whole gate must fit in a CI job
-EVAL_UNIT = 50  # test images per unit of evaluation work
-LOOP_IMAGES = 256  # images per epoch of the run-loop case: a short run, since what it guards is the loop's own
-# work around the steps (setup, metrics, evaluation, files), and its four runs per process are the gate's longest case
-LOOP_TEST = 128
+EVAL_UNIT = 10  # test images per unit of evaluation work: 100 ten-crop views, about a timed call's worth on a
+# slow core (50 made each call several times the calibrated length, and evaluation a long case)
+LOOP_IMAGES = 128  # images per epoch of the run-loop case: a short run, since what it guards is the loop's own
+# work around the steps (setup, metrics, evaluation, files), which a short run also makes a larger share of its time
+LOOP_TEST = 64
 LEVELS = ("none", "flip", "crop_flip", "crop_flip_pca")
 
 # name -> (kind, model arch, width, precision, augmentation level, test crops)
@@ -134,7 +135,8 @@ def measure(job: dict) -> dict:
         raise SystemExit(f"worker imported runners from {here}, not from the tree under test {tree}")
     torch.set_num_threads(int(job["threads"]))
     device = pick_device("cpu")
-    raw = make_synthetic("cifar10", 4096, 1024, seed=0)  # speed does not depend on pixel values
+    raw = make_synthetic("cifar10", 2048, 256, seed=0)  # speed does not depend on pixel values; small,
+    # since every process makes it, and a call that needs more than it holds repeats over it (sized)
     data = DeviceSet.of(raw, device)
     calibrating = not job["units"]
     out: dict[str, object] = {"runners": str(here), "seconds": {}, "unit_seconds": {}}
