@@ -5,9 +5,9 @@ passes, and how long one check takes. A benchmark, not a test: run it on a quiet
 
 Each trial is one full `ablate bench --against HEAD` check (its own worktree, calibration and pairs), alternately
 of the unchanged tree and of the tree with every timed call made `slowdown` slower (a busy-wait of that fraction
-of the call, PairedConfig.stall). Writes results/bench/gate-power-<processor>.csv (one row per trial and case) and
-a .json summary beside it: the gate's verdicts, each case's own verdicts (a real slowdown may hit one case only),
-and the wall time of a check.
+of the call, PairedConfig.stall). Writes results/bench/gate-power-<processor>-<instruction set>.csv (one row per
+trial and case) and a .json summary beside it: the gate's verdicts, each case's own verdicts (a real slowdown may
+hit one case only), and the wall time of a check.
 """
 from __future__ import annotations
 
@@ -19,14 +19,15 @@ from pathlib import Path
 import pandas as pd
 
 from runners.bench import paired
-from runners.bench.baseline import processor_key
+from runners.bench.baseline import here_key
 from runners.store import atomic_write_json
 from runners.devices import device_name, pick_device
 
 
 def trial_rows(trial: int, kind: str, r: paired.PairedResult) -> list[dict]:
     return [{"trial": trial, "tree": kind, "stall": r.stall, "gate": r.verdict, "seconds": r.seconds,
-             "pairing": r.pairing, "case": c.case, "ratio": c.median, "lo": c.lo, "hi": c.hi, "verdict": c.verdict}
+             "pairing": r.pairing, "case": c.case, "ratio": c.median, "lo": c.lo, "hi": c.hi, "verdict": c.verdict,
+             "pair_ratios": " ".join(f"{x:.4f}" for x in c.ratios)}  # in pair order: where the noise came from
             for c in r.cases]
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--slowdown", type=float, default=0.10)
     ap.add_argument("--out", type=Path, default=Path("results/bench"))
     args = ap.parse_args()
-    name = f"gate-power-{processor_key(device_name(pick_device('cpu')))}"
+    name = f"gate-power-{here_key('cpu')[1]}"  # model and instruction set: two EPYCs differ
     csv_path, json_path = args.out / f"{name}.csv", args.out / f"{name}.json"
     cases, why = paired.machine_cases()  # what `ablate bench --against` times here: the fp32 forms without native bf16
     if why:

@@ -179,3 +179,23 @@ def test_against_head_runs_both_trees_in_fresh_processes_and_removes_its_worktre
     after = subprocess.run(["git", "-C", str(paired.head_tree()), "worktree", "list"], capture_output=True,
                            text=True).stdout
     assert after == before, "the temporary worktree is removed"
+
+
+def test_gate_power_counts_the_gates_verdicts_and_keeps_every_pair():
+    from tests.benchmarks import gate_power
+
+    def result(stall, ratios_by_case):
+        cases = tuple(paired.case_result(c, rs, paired.TOLERANCE) for c, rs in ratios_by_case.items())
+        return paired.PairedResult("HEAD", "abc", paired.TOLERANCE, cases, seconds=150.0, stall=stall)
+
+    flat, noisy, slow = [1.0 + 0.002 * (i % 3) for i in range(16)], [0.8, 1.3] * 8, [1.1 + 0.002 * i for i in range(16)]
+    rows = (gate_power.trial_rows(0, "unchanged", result(0.0, {"a": flat, "b": flat}))
+            + gate_power.trial_rows(0, "slowed", result(0.1, {"a": slow, "b": flat}))
+            + gate_power.trial_rows(1, "unchanged", result(0.0, {"a": flat, "b": noisy}))
+            + gate_power.trial_rows(1, "slowed", result(0.1, {"a": flat, "b": flat})))
+    table = gate_power.pd.DataFrame(rows)
+    s = gate_power.summary(table, 0.1, paired.TOLERANCE)
+    assert s["caught"] == "1 of 2" and s["passed unchanged"] == "1 of 2" and s["false alarms"] == "0 of 2"
+    assert s["undecided"] == {"unchanged": 1, "slowed": 0}
+    assert s["per case"]["a"]["caught"] == "1 of 2" and s["per case"]["b"]["passed unchanged"] == "1 of 2"
+    assert table.pair_ratios[0].split() == [f"{x:.4f}" for x in flat]
