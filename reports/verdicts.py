@@ -94,7 +94,10 @@ def regime_check(claim: Claim, used: dict[str, pd.DataFrame], cens: dict[str, in
             n = sum(cens.values())
             return ("reached: every run crossed the target" if not n else
                     f"not reached: {n} of {len(both)} runs never crossed the target"), ""
-        return "learning (no regime condition)", ""
+        if claim.metric in THROUGHPUT_METRICS:
+            return "speed: no regime condition", ""
+        return ("reached: every run learned (none at chance)" if "learned" in both else
+                "unknown: no chance check recorded"), ""
     side_a = used["a"]
     if "clean_train_error" not in side_a or side_a.clean_train_error.isna().all():
         return "unknown", ("no clean (eval-mode) training error was recorded for these runs, so over-fitting "

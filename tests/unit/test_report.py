@@ -417,6 +417,19 @@ def test_a_claim_resting_on_a_run_at_chance_is_not_testable(tmp_path):
     assert r.verdict == NOT_TESTABLE and "1 of 6 runs did not learn" in r.reason and r.regime.startswith("not")
 
 
+def test_a_learning_claim_says_its_nets_learned(tmp_path):
+    runs = lrn_runs(range(3), effect_points=1.6, noise_points=0.1)
+    for r in runs:
+        r["learned"] = True
+    write_grid(tmp_path, "lrn", runs, [LRN_CLAIM], target=None)
+    (r,) = evaluate(load_grid(tmp_path, "lrn"))
+    assert r.regime == "reached: every run learned (none at chance)", r.regime
+    runs[0]["learned"] = False
+    write_grid(tmp_path / "again", "lrn", runs, [LRN_CLAIM], target=None)
+    (r,) = evaluate(load_grid(tmp_path / "again", "lrn"))
+    assert r.regime.startswith("not reached") and r.verdict == NOT_TESTABLE
+
+
 def test_runs_recorded_without_the_learned_flag_are_judged_by_their_training_loss(tmp_path):
     runs = lrn_runs(range(3), effect_points=1.3)
     for r in runs:
