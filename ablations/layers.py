@@ -22,10 +22,10 @@ class LocalResponseNorm(nn.LocalResponseNorm):
     out = x / (k + alpha/n * sum_{window} x^2)^beta, the window being channels c - n//2 .. c + (n-1)//2 as in
     F.local_response_norm. F.local_response_norm sums through avg_pool3d, which on CPUs makes an alexnet
     training step with LRN several times slower than without; the sum as x^2 @ band (a 0/1 C x C band matrix)
-    makes the layer several times faster forward and backward (`ablate bench`'s LRN rows). Under bf16 autocast the matmul runs in bf16 and
-    the rest in fp32, so the output is fp32 as F.local_response_norm's is there. Only training takes this path:
-    without gradients (evaluation, FLOP counts) it is F.local_response_norm itself, so the band matmul, which is
-    no FLOP of the model, never shows up in a FLOP count."""
+    makes the layer several times faster forward and backward (`ablate bench`'s LRN rows). Under bf16 autocast the
+    matmul runs in bf16 and the rest in fp32, so the output is fp32 as F.local_response_norm's is there. Only
+    training takes this path: without gradients (evaluation, FLOP counts) it is F.local_response_norm itself, so
+    the band matmul, which is no FLOP of the model, never shows up in a FLOP count."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
         if x.device.type not in AMP_DEVICES or not torch.is_grad_enabled():

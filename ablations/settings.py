@@ -45,7 +45,8 @@ CHOICES: dict[str, tuple] = {
 BOUNDS: dict[str, tuple[float, bool]] = {
     "epochs": (1, True), "batch_size": (1, True), "lr": (0, False), "lr_scale": (0, False),
     "momentum": (0, True), "weight_decay": (0, True), "width": (0, False), "devices": (1, True),
-    "dropout": (0, True), "subset": (0, True), "test_subset": (0, True), "val_size": (0, True), "step_epochs": (1, True),
+    "dropout": (0, True), "subset": (0, True), "test_subset": (0, True), "val_size": (0, True),
+    "step_epochs": (1, True),
     "plateau_patience": (0, True), "max_lr_drops": (0, True), "early_stop_below": (0, True),
     "loss_target": (0, True), "seed": (0, True),
 }

@@ -157,7 +157,8 @@ class BatchAugmenter:
 
     def draw(self, b: int, gen: torch.Generator, device: torch.device):
         """A batch's random numbers, in the pipeline's order: PCA alphas (B, 3), crop offsets (2, B), flips (B,);
-        None for an op the level leaves out. The same draws as the one-op-at-a-time definitions in tests/augment_reference.py."""
+        None for an op the level leaves out. The same draws as the one-op-at-a-time definitions in
+        tests/augment_reference.py."""
         alpha = torch.randn(b, 3, generator=gen, device=device) * self.pca_std if "pca" in self.ops else None
         off = torch.randint(0, 2 * self.pad + 1, (2, b), generator=gen, device=device) \
             if "crop" in self.ops and self.pad else None

@@ -225,7 +225,8 @@ class Store:
         and no links: checked before anything is written, so a refusal changes nothing."""
         folders = [self.root]
         if grid is not None:
-            folders += [p for p in (self.grid_dir(grid), self.grid_dir(grid) / RUNS_DIR) if p.exists() or p.is_symlink()]
+            folders += [p for p in (self.grid_dir(grid), self.grid_dir(grid) / RUNS_DIR)
+                        if p.exists() or p.is_symlink()]
         for folder in folders:
             if folder.is_symlink() and folder != self.root:
                 raise UserError(f"{folder} is a symbolic link, which the suite never creates; remove it and rerun "
