@@ -232,9 +232,10 @@ def derive_metrics(runs: pd.DataFrame, meta: dict | None = None) -> pd.DataFrame
             runs[m] = pd.to_numeric(runs[m], errors="coerce")
     clean = pd.to_numeric(runs["clean_train_error"], errors="coerce") if "clean_train_error" in runs else np.nan
     runs["gap"] = runs.test_error - clean
-    if "learned" not in runs:
+    if "learned" not in runs or (runs.learned.isna().any() and "train_loss" in runs):  # rows without the flag
         classes = (meta or {}).get("num_classes") or (100 if "cifar100" in str((meta or {}).get("dataset")) else 10)
-        runs["learned"] = runs.train_loss < CHANCE_LOSS * math.log(classes)
+        by_loss = runs.train_loss < CHANCE_LOSS * math.log(classes)
+        runs["learned"] = runs.learned.where(runs.learned.notna(), by_loss) if "learned" in runs else by_loss
     cap = pd.to_numeric(runs["epochs"], errors="coerce") if "epochs" in runs else pd.Series(np.nan, runs.index)
     cap = cap.fillna((meta or {}).get("epochs", np.nan))
     ran = runs.status.isin(FINISHED)

@@ -439,6 +439,17 @@ def test_runs_recorded_without_the_learned_flag_are_judged_by_their_training_los
     assert r.verdict == NOT_TESTABLE and "did not learn" in r.reason
 
 
+def test_a_run_missing_the_learned_flag_beside_runs_with_it_is_judged_by_its_training_loss(tmp_path):
+    runs = lrn_runs(range(3), effect_points=1.3)
+    for r in runs:
+        r["learned"], r["train_loss"] = True, 0.5
+    del runs[2]["learned"]
+    runs[2]["train_loss"] = 2.301  # ln 10, recorded without the flag: it did not learn, and must not pass as learned
+    write_grid(tmp_path, "lrn", runs, [LRN_CLAIM], target=None)
+    (r,) = evaluate(load_grid(tmp_path, "lrn"))
+    assert r.verdict == NOT_TESTABLE and "1 of 6 runs did not learn" in r.reason
+
+
 def test_bounded_intervals_stay_inside_the_metrics_range(tmp_path):
     runs = [{"lrn": False, "seed": 0, "test_error": 0.95}, {"lrn": True, "seed": 0, "test_error": 0.05},
             {"lrn": False, "seed": 1, "test_error": 0.10}, {"lrn": True, "seed": 1, "test_error": 0.15}]
