@@ -8,7 +8,7 @@ spread of the pair log-ratios and the interval each check read.
 - glibc-thp: GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc's malloc asks for huge pages for everything, and a fixed
   mmap threshold, so large buffers are placed the same way in every process whatever freed before them.
 
-Usage: python tests/benchmarks/gate_memory_probe.py ROUNDS OUT.json"""
+Usage: python tests/benchmarks/gate_memory_probe.py ROUNDS OUT.json (output: results/bench/gate-memory-probe-*.txt)"""
 import json, math, os, statistics, sys
 
 from runners.bench import paired
