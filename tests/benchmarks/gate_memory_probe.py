@@ -10,6 +10,7 @@ spread of the pair log-ratios and the interval each check read.
 
 Usage: python tests/benchmarks/gate_memory_probe.py ROUNDS OUT.json (output: results/bench/gate-memory-probe-*.txt)"""
 import json, math, os, statistics, sys
+from unittest import mock
 
 from runners.bench import paired
 
@@ -21,16 +22,8 @@ VARIANTS = {
 
 
 def check(env: dict[str, str]) -> paired.PairedResult:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):  # the workers inherit it
         return paired.against(paired.PairedConfig(rev="HEAD", cases=paired.machine_cases()[0]), say=lambda _: None)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main(rounds: int, out: str) -> None:
