@@ -134,19 +134,40 @@ def write_report(report: Report, out_dir: Path, dpi: int = 150) -> Path:
 
 # ---------------------------------------------------------------- markdown
 
+OVERNIGHT_HOURS = 8.0  # the whole cpu reproduction should fit one night on one 2-core machine
+
+
 def _cost_markdown(report: Report) -> list[str]:
-    """What the reported runs cost, measured: machine time per grid (wall x threads / cores, machine_seconds)."""
-    rows = [(g.name, g.budget_label() or "-", int(g.runs.status.isin(FINISHED).sum()),
-             machine_seconds(g.runs)) for g in report.grids if g.meta.get("tests_paper", True) and len(g.runs)]
+    """What the reported runs cost, measured: machine time per grid (wall x threads / cores, machine_seconds), the
+    machines it was measured on, and the total against one night."""
+    rows = [(g.name, g.budget_label() or "-", int(g.runs.status.isin(FINISHED).sum()), machine_seconds(g.runs),
+             _machines(g.runs)) for g in report.grids if g.meta.get("tests_paper", True) and len(g.runs)]
     if not rows:
         return []
     lines = ["", "## What the reproduction cost", "",
              "Measured from the runs' own records: each run's wall time x its threads / the machine's cores "
              "(two runs at a time on a 2-core machine count half each). `ablate show --all --budget cpu` estimates "
-             "what is still pending.", "", "| grid | budget | runs | machine time |", "|---|---|---|---|"]
-    lines += [f"| {name} | {budget} | {n} | {seconds / 3600:.2f} h |" for name, budget, n, seconds in rows]
-    total = sum(r[3] for r in rows)
-    return lines + [f"| **total** | | {sum(r[2] for r in rows)} | **{total / 3600:.2f} h** |"]
+             "what is still pending.", "", "| grid | budget | runs | machine time | measured on |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {budget} | {n} | {seconds / 3600:.2f} h | {_md(machines)} |"
+              for name, budget, n, seconds, machines in rows]
+    total = sum(r[3] for r in rows) / 3600
+    lines += [f"| **total** | | {sum(r[2] for r in rows)} | **{total:.2f} h** | |", ""]
+    over = f"{total - OVERNIGHT_HOURS:.2f} h over it" if total > OVERNIGHT_HOURS else "within it"
+    machines = len({m for r in rows for m in r[4].split("; ") if m})
+    return lines + [f"Target: the whole cpu reproduction in one night, {OVERNIGHT_HOURS:g} h on one 2-core machine. "
+                    f"These runs: {total:.2f} h, {over}" + (", summed over runs on more than one machine (CPUs differ "
+                    "in speed, so this is not one machine's night)." if machines > 1 else ".")]
+
+
+def _machines(runs: pd.DataFrame) -> str:
+    """The machines a grid's finished runs were measured on, with their precision: costs from different CPUs."""
+    done = runs[runs.status.isin(FINISHED)]
+    if "device_name" not in done or not len(done):
+        return ""
+    precision = done["precision"] if "precision" in done else pd.Series("", index=done.index)
+    pairs = sorted({(str(d), str(p)) for d, p in zip(done.device_name, precision) if pd.notna(d)})
+    return "; ".join(f"{d} ({p})" if p and p != "nan" else d for d, p in pairs)
 
 
 def _md(text: object) -> str:

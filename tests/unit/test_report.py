@@ -370,6 +370,10 @@ def test_render_writes_report_verdicts_and_figures(tmp_path):
     assert "smoke" not in text  # a pipeline check, not a paper claim
     assert "`ablate run --grid relu_vs_tanh --budget cpu`" in text and "CIFAR-10 (synthetic test copy)" in text
     assert "- Precision: bf16 (24 runs)" in text  # relu_vs_tanh: 2 conditions x 3 seeds x 2 activations x 2 lrs
+    cost = text[text.index("## What the reproduction cost"):text.index("## What is missing")]
+    assert "| measured on |" in cost and "| test cpu (bf16) |" in cost  # each grid names its machines
+    assert "Target: the whole cpu reproduction in one night, 8 h on one 2-core machine." in cost
+    assert "h over it." in cost and "more than one machine" not in cost  # the generated runs: 8.75 h on one
     verdicts = pd.read_csv(tmp_path / "out" / "verdicts.csv")
     assert {"claim", "split", "paper", "estimate", "lo", "hi", "verdict", "n", "dataset_label", "precision",
             "margin"} <= set(verdicts)
