@@ -25,3 +25,5 @@ PREPROCESS = ("standard", "paper")
 AUGMENT = ("none", "flip", "crop_flip", "crop_flip_pca")  # the augmentation levels, weakest first
 DATASETS = {"cifar10": 10, "cifar100": 100}  # name -> classes
 ARCH_NAMES = ("alexnet", "convnet4")  # ablations/models.py's ARCHS builds each
+# the whole cpu reproduction (every paper grid at its cpu budget) should fit one night on one 2-core machine
+OVERNIGHT_HOURS = 8.0

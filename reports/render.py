@@ -12,7 +12,7 @@ import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 
-from ablations.choices import FINISHED
+from ablations.choices import FINISHED, OVERNIGHT_HOURS
 from ablations.errors import UserError
 from ablations.grid import grid_names, load_grid
 from reports.claims import ClaimResult, evaluate
@@ -133,9 +133,6 @@ def write_report(report: Report, out_dir: Path, dpi: int = 150) -> Path:
 
 
 # ---------------------------------------------------------------- markdown
-
-OVERNIGHT_HOURS = 8.0  # the whole cpu reproduction should fit one night on one 2-core machine
-
 
 def _cost_markdown(report: Report) -> list[str]:
     """What the reported runs cost, measured: machine time per grid (wall x threads / cores, machine_seconds), the

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 
+from ablations.choices import OVERNIGHT_HOURS
 from ablations.models import ModelSpec, build_model, train_flops_per_image
 from ablations.spec import RunSpec
 from runners.store import RUNS_CSV, Store
@@ -168,8 +169,31 @@ def reproduction_rows(budgets: dict[str, str], overrides: dict, seeds: list[int]
                      "confirmation_runs_to_come": est["confirmation_runs_to_come"],
                      "estimated_pending_seconds": est["estimated_pending_seconds"],
                      "measured_seconds": _measured(results, name, {r["run_id"] for r in est["runs"]
-                                                                   if r["state"] == "done"})})
+                                                                   if r["state"] == "done"}),
+                     **_recorded_plan(results, name, budget, overrides, seeds)})
     return rows
+
+
+def _recorded_plan(results: Path, name: str, budget: str, overrides: dict, seeds: list[int] | None) -> dict:
+    """Where the grid's last `ablate run` at this budget used overrides (grid.json) and none are asked for now:
+    how many of that plan's runs are done. Those are the runs its report reads, though they are not the grid's own
+    settings, so `show --all` counts them apart rather than as pending work nobody did."""
+    import json
+
+    from ablations.grid import expand, load_grid
+    from runners.store import GRID_JSON
+
+    try:
+        meta = json.loads((results / name / GRID_JSON).read_text())
+    except (OSError, ValueError):
+        return {}
+    recorded = meta.get("overrides") or {}
+    if overrides or not recorded or meta.get("budget") != budget:
+        return {}
+    store = Store(results)
+    specs = expand(load_grid(name), budget, dict(recorded), seeds)
+    return {"recorded_overrides": recorded, "done_with_recorded_overrides": sum(store.is_done(name, s.run_id)
+                                                                                  for s in specs)}
 
 
 def _measured(results: Path, name: str, run_ids: set[str]) -> float:
@@ -204,4 +228,15 @@ def reproduction_table(rows: list[dict], device: str) -> Table:
     table.add_row("total", "", str(sum(r["runs"] for r in rows)), str(sum(r["done"] for r in rows)),
                   str(sum(r["pending"] for r in rows)), _fmt_seconds(sum(est)) if None not in est else "",
                   _fmt_seconds(sum(r["measured_seconds"] for r in rows)))
+    if None not in est:
+        measured, pending = sum(r["measured_seconds"] for r in rows), sum(est)
+        table.caption += (f"\nmeasured {_fmt_seconds(measured)} + estimated pending {_fmt_seconds(pending)} = "
+                          f"{_fmt_seconds(measured + pending)}, against one night ({OVERNIGHT_HOURS:g} h on one 2-core "
+                          f"machine)")
+    for r in rows:
+        if r.get("done_with_recorded_overrides"):
+            over = " ".join(f"{k}={v}" for k, v in sorted(r["recorded_overrides"].items()))
+            table.caption += (f"\n{r['grid']}: {r['done_with_recorded_overrides']} runs done with {over} (its last "
+                              f"run's overrides, the runs its report reads) are not counted as done here; `ablate show "
+                              f"{r['grid']} --budget {r['budget']} {over}` lists them")
     return table

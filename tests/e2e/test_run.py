@@ -382,3 +382,30 @@ def test_all_shows_and_runs_every_paper_grid_and_no_pipeline_check(tmp_path):
     for args in (["run"], ["run", "--all", "--grid", "smoke"], ["show"]):
         bad = CliRunner().invoke(main, args)
         assert bad.exit_code == 2 and "--all" in bad.output, bad.output
+
+
+def test_show_all_counts_runs_of_the_last_runs_overrides_apart_and_sets_the_total_against_one_night(tmp_path):
+    from rich.console import Console
+
+    from ablations.grid import expand, load_grid
+    from runners.cli import main
+    from runners.cost import reproduction_table
+    fp32 = expand(load_grid("pooling"), "cpu", {"precision": "fp32"})
+    for s in fp32:  # a grid trained with an override: its report reads these runs
+        (tmp_path / "pooling" / "runs" / s.run_id).mkdir(parents=True)
+        (tmp_path / "pooling" / "runs" / s.run_id / "summary.json").write_text('{"status": "finished"}')
+    (tmp_path / "pooling" / "grid.json").write_text(json.dumps({"budget": "cpu", "overrides": {"precision": "fp32"}}))
+    args = ["show", "--all", "--budget", "cpu", "--no-probe", "--results", str(tmp_path)]
+    rows = {r["grid"]: r for r in json.loads(CliRunner().invoke(main, [*args, "--json"]).output)}
+    assert rows["pooling"]["done"] == 0 and rows["pooling"]["done_with_recorded_overrides"] == len(fp32) == 6
+    assert "done_with_recorded_overrides" not in rows["dropout"]
+    shown = CliRunner().invoke(main, args, terminal_width=400)
+    assert shown.exit_code == 0 and "pooling: 6 runs done with precision=fp32" in shown.output, shown.output
+    asked = json.loads(CliRunner().invoke(main, [*args, "--json", "--precision", "fp32"]).output)
+    assert {r["grid"]: r for r in asked}["pooling"]["done"] == 6  # asked for them: counted as done, no note
+    assert "done_with_recorded_overrides" not in {r["grid"]: r for r in asked}["pooling"]
+    console = Console(record=True, width=400)
+    console.print(reproduction_table([{**r, "estimated_pending_seconds": 1800.0} for r in rows.values()], "cpu"))
+    text = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    hours = f"{len(rows) / 2:.1f} h"  # eight grids of half an hour each, nothing measured yet
+    assert f"measured 0 s + estimated pending {hours} = {hours}, against one night (8 h on one" in text, text
