@@ -151,7 +151,8 @@ def _cost_markdown(report: Report) -> list[str]:
     total = sum(r[3] for r in rows) / 3600
     lines += [f"| **total** | | {sum(r[2] for r in rows)} | **{total:.2f} h** | |", ""]
     over = f"{total - OVERNIGHT_HOURS:.2f} h over it" if total > OVERNIGHT_HOURS else "within it"
-    machines = len({m for r in rows for m in r[4].split("; ") if m})
+    machines = len({d for g in report.grids if g.meta.get("tests_paper", True) and "device_name" in g.runs
+                    for d in g.runs[g.runs.status.isin(FINISHED)].device_name.dropna()})  # not its precisions
     return lines + [f"Target: the whole cpu reproduction in one night, {OVERNIGHT_HOURS:g} h on one 2-core machine. "
                     f"These runs: {total:.2f} h, {over}" + (", summed over runs on more than one machine (CPUs differ "
                     "in speed, so this is not one machine's night)." if machines > 1 else ".")]
