@@ -178,8 +178,20 @@ def compare(a, b, effect: str, paired: bool, level: float = LEVEL) -> Interval:
     return bootstrap(a, b, effect, paired=True, level=level)
 
 
+def cell_range(metric: str) -> tuple[float, float]:
+    """Where one run's value of a metric can lie: error rates (fractions) in [0, 1], the over-fitting gap (test
+    minus clean training error) in [-1, 1], the LRN factor spread (p95 / p05) at least 1, and every other
+    recorded metric (losses, epochs, seconds, rates, LRN factors) at least 0."""
+    if metric == "gap":
+        return -1.0, 1.0
+    if "error" in metric:
+        return 0.0, 1.0
+    return (1.0 if metric == "lrn_factor_spread" else 0.0), math.inf
+
+
 def cell_summary(runs: pd.DataFrame, by: list[str], metrics: list[str], level: float = LEVEL) -> pd.DataFrame:
-    """Per cell (every axis but the seed): n, mean and the 95% t-interval of each metric over seeds."""
+    """Per cell (every axis but the seed): n, mean and the 95% t-interval of each metric over seeds, clipped to the
+    metric's range (`cell_range`), so a cell near 0% error shows [0.0, 1.7] and not [-0.8, 1.7]."""
     rows = []
     for key, cell in runs.groupby(by, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -187,7 +199,7 @@ def cell_summary(runs: pd.DataFrame, by: list[str], metrics: list[str], level: f
         for m in metrics:
             if m not in cell:
                 continue
-            iv = mean_ci(pd.to_numeric(cell[m], errors="coerce"), level)
+            iv = clip(mean_ci(pd.to_numeric(cell[m], errors="coerce"), level), *cell_range(m))
             row.update({m: iv.estimate, f"{m}_lo": iv.lo, f"{m}_hi": iv.hi, f"{m}_n": iv.n})
         rows.append(row)
     return pd.DataFrame(rows)

@@ -2,9 +2,10 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from reports.stats import Interval, clip, detectable, seeds_needed, t_critical
+from reports.stats import Interval, cell_summary, clip, detectable, seeds_needed, t_critical
 
 
 def test_clip_keeps_an_interval_inside_the_metrics_range_and_says_so():
@@ -13,6 +14,21 @@ def test_clip_keeps_an_interval_inside_the_metrics_range_and_says_so():
     assert (c.estimate, c.lo, c.hi) == (82.1, 0.0, 100.0) and "clipped" in c.method
     inside = Interval(5.0, 1.0, 9.0, 3, "t")
     assert clip(inside, 0.0, 100.0) is inside
+
+
+def test_cell_summary_keeps_each_metrics_interval_inside_its_range():
+    runs = pd.DataFrame({"cell": ["a"] * 3 + ["b"] * 3,
+                         "clean_train_error": [0.0, 0.0, 0.012, 0.40, 0.42, 0.44],
+                         "gap": [-0.02, -0.03, 0.05, 0.30, 0.31, 0.32]})
+    cells = cell_summary(runs, ["cell"], ["clean_train_error", "gap"]).set_index("cell")
+    half = t_critical(0.95, 2) * np.std([0.0, 0.0, 0.012], ddof=1) / math.sqrt(3)  # 0.0172: reaches below 0
+    assert cells.loc["a", "clean_train_error"] == pytest.approx(0.004)
+    assert (cells.loc["a", "clean_train_error_lo"], cells.loc["a", "clean_train_error_hi"]) == \
+        (0.0, pytest.approx(0.004 + half))
+    assert cells.loc["a", "gap_lo"] < 0  # a gap may be negative: only [-1, 1] bounds it
+    half_b = t_critical(0.95, 2) * 0.02 / math.sqrt(3)  # inside the range: the plain t-interval
+    assert (cells.loc["b", "clean_train_error_lo"], cells.loc["b", "clean_train_error_hi"]) == \
+        (pytest.approx(0.42 - half_b), pytest.approx(0.42 + half_b))
 
 
 def test_detectable_effect_is_the_power_formula():
