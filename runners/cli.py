@@ -5,6 +5,7 @@ exit code 1 (with the traceback only under --debug)."""
 from __future__ import annotations
 
 import errno
+import os
 import json
 import sys
 
@@ -207,8 +208,9 @@ def show_cmd(grid: str | None, settings: tuple[str, ...], all_grids: bool, budge
     from pathlib import Path
 
     from ablations.grid import parse_overrides
-    from runners.cost import estimate_rows, estimate_table
+    from runners.cost import busy_note, estimate_rows, estimate_table
 
+    busy = busy_note(os.getloadavg()[0], os.cpu_count() or 1) if probe else ""  # read before the probe adds load
     if grid and "=" in grid:  # `ablate show --all lr=0.02`: the first setting lands in GRID
         settings, grid = (grid, *settings), None
     overrides = {**_overrides(**kw), **parse_overrides(settings)}
@@ -225,6 +227,8 @@ def show_cmd(grid: str | None, settings: tuple[str, ...], all_grids: bool, budge
             click.echo(json.dumps(rows, indent=2))
             return
         table_console().print(reproduction_table(rows, str(pick_device(device))))
+        if busy:
+            click.echo(busy)
         return
     budget = _resolve_budget(budget, grid, device)
     if as_json:
@@ -232,6 +236,8 @@ def show_cmd(grid: str | None, settings: tuple[str, ...], all_grids: bool, budge
                                             Path(results)), indent=2, default=str))
         return
     table_console().print(estimate_table(grid, budget, overrides, _parse_seeds(seeds), device, probe, Path(results)))
+    if busy:
+        click.echo(busy)
 
 
 @main.command("run")

@@ -50,6 +50,18 @@ def probe_images_per_second(model: ModelSpec, batch: int, precision: str, device
     return batch * steps / (time.perf_counter() - t0)
 
 
+BUSY_LOAD = 0.5  # load average per core above which other work shares the cores the probe times
+
+
+def busy_note(load: float, cores: int) -> str:
+    """One line when the machine was busy before the probe (1-minute load average at or above BUSY_LOAD per core):
+    the probe then times steps that share the cores, so every estimate reads high; "" on an idle machine."""
+    if load < BUSY_LOAD * cores:
+        return ""
+    return (f"the machine is busy (load average {load:.1f} on {cores} cores): the probe shared the cores, so these "
+            f"estimates read high; run `ablate show` again when it is idle")
+
+
 def run_images(spec: RunSpec) -> tuple[int, int]:
     """(training images, test images) processed by a run at its epoch cap."""
     train = (spec.subset or TRAIN_SIZE) * spec.epochs

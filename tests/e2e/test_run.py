@@ -409,3 +409,18 @@ def test_show_all_counts_runs_of_the_last_runs_overrides_apart_and_sets_the_tota
     text = " ".join(console.export_text().split())  # the caption wraps at the table's width
     hours = f"{len(rows) / 2:.1f} h"  # eight grids of half an hour each, nothing measured yet
     assert f"measured 0 s + estimated pending {hours} = {hours}, against one night (8 h on one" in text, text
+
+
+def test_show_says_when_a_busy_machine_makes_its_estimates_read_high(tmp_path, monkeypatch):
+    from runners.cli import main
+    from runners.cost import busy_note
+    assert busy_note(0.9, 2) == "" and "load average 1.0 on 2 cores" in busy_note(1.0, 2)
+    args = ["show", "smoke", "--results", str(tmp_path)]
+    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.2, 0.2))
+    idle = CliRunner().invoke(main, args, terminal_width=200)
+    assert idle.exit_code == 0 and "busy" not in idle.output, idle.output
+    monkeypatch.setattr("os.getloadavg", lambda: (float(os.cpu_count()), 1.0, 1.0))
+    busy = CliRunner().invoke(main, args, terminal_width=200)
+    assert busy.exit_code == 0 and "the machine is busy (load average" in busy.output, busy.output
+    unprobed = CliRunner().invoke(main, [*args, "--no-probe"], terminal_width=200)
+    assert "busy" not in unprobed.output  # no probe, no timing to spoil
