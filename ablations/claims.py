@@ -13,7 +13,8 @@ ERROR_METRICS = {"train_error", "test_error", "test_error_top5", "test_error_at_
 THROUGHPUT_METRICS = {"images_per_second"}  # a speed needs no learning: the chance guard leaves these alone
 CLAIM_KEYS = {"id", "paper_claim", "title", "metric", "axis", "a", "b", "effect", "paper", "tune", "fixed", "note",
               "margin", "regime", "paper_marks", "also"}
-REGIMES = ("learning", "overfitting")  # overfitting: testable only where the unregularised side a over-fits
+# overfitting: testable only where the unregularised side a over-fits; normalising: only where LRN's factor varies
+REGIMES = ("learning", "overfitting", "normalising")
 # lines the report shows under a claim (`also = [...]` in its table), each for the claims it can follow
 ALSO: dict[str, str] = {
     "seconds": "the same runs in training seconds (a claim on epochs_to_target)",
@@ -52,7 +53,7 @@ class Claim:
     per: float = 1.0  # the effect is divided by this (scaling efficiency = speed-up / N)
     secondary: bool = False  # a line the report adds under a declared claim
     margin: float | None = None  # an equivalence claim: |a - b| < margin, in the claim's units (points)
-    regime: str = "learning"  # "overfitting": only testable where the unregularised side a over-fits
+    regime: str = "learning"  # "overfitting": only where side a over-fits; "normalising": only where LRN acts
     also: tuple[str, ...] = ()  # secondary lines the report shows under this claim (keys of ALSO)
 
     @property

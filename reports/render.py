@@ -17,7 +17,7 @@ from ablations.errors import UserError
 from ablations.grid import grid_names, load_grid
 from reports.claims import ClaimResult, evaluate
 from reports.verdicts import (INCONCLUSIVE, LARGER, MEASURED, NO_DATA, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE,
-                              OPPOSITE, OVERFIT_POINTS, REPRODUCED, SMALLER)
+                              LRN_ACTS, OPPOSITE, OVERFIT_POINTS, REPRODUCED, SMALLER)
 from reports.figures import forest_figure, grid_figures
 from reports.output import write_text
 from reports.load import CENSORABLE, METRICS, GridResults, canon, coverage, display_axes, load_results, machine_seconds
@@ -57,7 +57,9 @@ relu-6x has a row per condition.
   - *{NOT_TESTABLE}*: the runs did not reach the regime the claim is about, with the reason: a run that never
     learned (final clean training loss at least 98% of ln(classes), or one predicted class) makes every claim on it
     untestable; an over-fitting claim needs its unregularised side to over-fit (fair gap >= {OVERFIT_POINTS:g}
-    points) and every run to have converged (two rate drops, or validation error flat over 5 epochs); a run that
+    points) and every run to have converged (two rate drops, or validation error flat over 5 epochs); a
+    normalising claim (LRN) needs LRN to act in every LRN run (its factor's p95 / p05 over a fixed batch at least
+    {LRN_ACTS:g}x; at 1x it is a constant scale); a run that
     never reached a target is censored: the effect is then a bound (≥ or ≤, never an interval), which decides only
     when even the bound lies beyond P.
 """

@@ -13,6 +13,8 @@ from reports.load import canon
 from reports.stats import Interval, detectable, seeds_needed
 
 OVERFIT_POINTS = 15.0  # an over-fitting claim needs the unregularised arm's fair gap (test - clean train) >= this
+LRN_ACTS = 1.10  # a normalising claim needs LRN's factor to vary: p95 / p05 over a fixed batch >= this in every
+# LRN run (at 1.0 it is a constant scale, 2^-0.75 = 0.59 for k = 2, and its effect is not normalisation's)
 
 # The verdict vocabulary: every verdict starts with one of these, followed by a one-line reason.
 REPRODUCED = "reproduced"
@@ -89,6 +91,8 @@ def regime_check(claim: Claim, used: dict[str, pd.DataFrame], cens: dict[str, in
             return ("not reached: nets at chance",
                     f"{int(flat.sum())} of {len(both)} runs did not learn (final training loss at chance or a "
                     f"single predicted class), so any difference is between nets that predict nothing")
+    if claim.regime == "normalising":
+        return _normalising(both)
     if claim.regime != "overfitting":
         if claim.metric.startswith(("epochs_to", "seconds_to")):
             n = sum(cens.values())
@@ -114,6 +118,21 @@ def regime_check(claim: Claim, used: dict[str, pd.DataFrame], cens: dict[str, in
     if not converged.all():
         return f"not reached: {words}", (f"{int((~converged).sum())} of {len(both)} runs had not converged (fewer "
                                          f"than two rate drops and validation error still moving)")
+    return f"reached: {words}", ""
+
+
+def _normalising(both: pd.DataFrame) -> tuple[str, str]:
+    """LRN acted in every LRN run: its factor's spread (p95 / p05) over the fixed batch is at least LRN_ACTS."""
+    spread = pd.to_numeric(both.get("lrn_factor_spread", pd.Series(dtype=float)), errors="coerce").dropna()
+    if spread.empty:
+        return "unknown", ("no LRN factor was recorded for these runs, so whether LRN normalised anything cannot be "
+                           "told; rerun the grid")
+    words = f"LRN factor spread {spread.min():.2f}-{spread.max():.2f}x (needs >= {LRN_ACTS:g}x in every LRN run)"
+    if spread.min() < LRN_ACTS:
+        return f"not reached: {words}", (f"LRN did not normalise in {int((spread < LRN_ACTS).sum())} of "
+                                         f"{len(spread)} LRN runs (its factor spread {spread.min():.2f}x, under "
+                                         f"{LRN_ACTS:g}x): there it scales by a near-constant, so a difference "
+                                         f"measures that scale, not normalisation")
     return f"reached: {words}", ""
 
 

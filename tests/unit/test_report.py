@@ -31,7 +31,8 @@ def write_grid(root: Path, name: str, runs: list[dict], claims: list[dict], *, e
     gdir.mkdir(parents=True)
     metric_keys = {"seed", "epochs_to_target", "test_error", "train_error", "images_per_second", "status",
                    "val_fingerprint",
-                   "epochs_to_loss", "test_error_top5", "learned", "clean_train_error", "converged", "train_loss"}
+                   "epochs_to_loss", "test_error_top5", "learned", "clean_train_error", "converged", "train_loss",
+                   "lrn_factor_spread"}
     axes = list(dict.fromkeys(k for r in runs for k in r if k not in metric_keys))
     label = "CIFAR-10 (synthetic test copy)" if dataset == "cifar10" else "CIFAR-100 (synthetic)"
     meta = {"name": name, "title": f"{name} grid", "description": "synthetic", "model": "alexnet",
@@ -61,7 +62,7 @@ def write_grid(root: Path, name: str, runs: list[dict], claims: list[dict], *, e
         reached = bool(target and reach)
         rows.append({"run_id": run_id, "grid": name, "status": r.get("status", "finished"),
                      "stop_reason": "early_stop" if reached else "epochs", **{a: r[a] for a in axes},
-                     **{k: r[k] for k in ("learned", "clean_train_error", "converged") if k in r},
+                     **{k: r[k] for k in ("learned", "clean_train_error", "converged", "lrn_factor_spread") if k in r},
                      "seed": r["seed"], "epochs": epochs, "epochs_run": n_ep,
                      "train_loss": r.get("train_loss", 2.3 * final_train),
                      "train_error": final_train, "test_loss": 2.3 * test_final, "test_error": test_final,
@@ -522,6 +523,25 @@ def test_an_overfitting_claim_needs_a_net_that_overfits_and_has_converged(tmp_pa
     assert r.verdict.startswith(expected), r.reason
     if clean_a == 0.25:
         assert "does not over-fit here" in r.reason and "6.0 points" in r.reason
+
+
+@pytest.mark.parametrize("spread, testable", [(1.64, True), (1.003, False), (None, False)])
+def test_a_normalising_claim_needs_lrn_to_act_in_every_lrn_run(tmp_path, spread, testable):
+    runs = lrn_runs(range(3), effect_points=1.4, noise_points=0.05)
+    for r in runs:
+        r["learned"] = True
+        if r["lrn"] and spread is not None:  # the no-LRN side records no factor, as the runner does
+            r["lrn_factor_spread"] = spread + 0.01 * r["seed"]
+    write_grid(tmp_path, "lrn", runs, [{**LRN_CLAIM, "regime": "normalising"}], target=None)
+    (r,) = evaluate(load_grid(tmp_path, "lrn"))
+    assert (r.verdict != NOT_TESTABLE) == testable, r.reason
+    if spread == 1.64:
+        assert r.regime == "reached: LRN factor spread 1.64-1.66x (needs >= 1.1x in every LRN run)"
+    elif spread:
+        assert "LRN did not normalise in 3 of 3 LRN runs" in r.reason and "near-constant" in r.reason
+        assert r.regime.startswith("not reached: LRN factor spread 1.00-1.02x")
+    else:
+        assert "no LRN factor was recorded" in r.reason
 
 
 def test_the_fair_gap_is_test_minus_clean_training_error(tmp_path):
