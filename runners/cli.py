@@ -5,8 +5,8 @@ exit code 1 (with the traceback only under --debug)."""
 from __future__ import annotations
 
 import errno
-import os
 import json
+import os
 import sys
 
 import click
@@ -210,7 +210,8 @@ def show_cmd(grid: str | None, settings: tuple[str, ...], all_grids: bool, budge
     from ablations.grid import parse_overrides
     from runners.cost import busy_note, estimate_rows, estimate_table
 
-    busy = busy_note(os.getloadavg()[0], os.cpu_count() or 1) if probe else ""  # read before the probe adds load
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # read before the probe adds its own
+    busy = busy_note(load, os.cpu_count() or 1) if probe else ""
     if grid and "=" in grid:  # `ablate show --all lr=0.02`: the first setting lands in GRID
         settings, grid = (grid, *settings), None
     overrides = {**_overrides(**kw), **parse_overrides(settings)}
