@@ -20,7 +20,7 @@ from ablations.claims import Claim, claim_from_table
 from ablations.tune import pick, position
 from reports.load import GridResults, canon
 from reports.stats import Interval, clip, compare
-from reports.verdicts import NO_DATA, decide, fmt, metric_range, power, regime_check, side_name
+from reports.verdicts import NETS_AT_CHANCE, NO_DATA, decide, fmt, metric_range, power, regime_check, side_name
 
 TIE_BREAK = "train_error"  # among tune values with equal mean metric (e.g. all censored), the one that got closer
 
@@ -69,7 +69,7 @@ class ClaimResult:
 
     def ours_text(self) -> str:
         iv, c = self.interval, self.claim
-        if iv.method == "none":
+        if iv.method == "none" or self.regime.startswith(NETS_AT_CHANCE):  # a net at chance proves nothing
             return "-"
         sign = {"lower": "≥ ", "upper": "≤ "}.get(self.bound, "")
         text = sign + fmt(iv.estimate, c)

@@ -12,6 +12,7 @@ from ablations.claims import ERROR_METRICS, THROUGHPUT_METRICS, Claim
 from reports.load import canon
 from reports.stats import Interval, detectable, seeds_needed
 
+NETS_AT_CHANCE = "not reached: nets at chance"  # the regime of a claim resting on a run that never learned
 OVERFIT_POINTS = 15.0  # an over-fitting claim needs the unregularised arm's fair gap (test - clean train) >= this
 LRN_ACTS = 1.10  # a normalising claim needs LRN's factor to vary: p95 / p05 over a fixed batch >= this in every
 # LRN run (at 1.0 it is a constant scale, 2^-0.75 = 0.59 for k = 2, and its effect is not normalisation's)
@@ -88,7 +89,7 @@ def regime_check(claim: Claim, used: dict[str, pd.DataFrame], cens: dict[str, in
     if claim.metric not in THROUGHPUT_METRICS and "learned" in both:
         flat = both.learned.map(lambda v: str(v).strip().lower() in ("false", "0", "0.0"))
         if flat.any():
-            return ("not reached: nets at chance",
+            return (NETS_AT_CHANCE,
                     f"{int(flat.sum())} of {len(both)} runs did not learn (final training loss at chance or a "
                     f"single predicted class), so any difference is between nets that predict nothing")
     if claim.regime == "normalising":

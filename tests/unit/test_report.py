@@ -420,6 +420,8 @@ def test_a_claim_resting_on_a_run_at_chance_is_not_testable(tmp_path):
     write_grid(tmp_path, "lrn", runs, [LRN_CLAIM], target=None)
     (r,) = evaluate(load_grid(tmp_path, "lrn"))
     assert r.verdict == NOT_TESTABLE and "1 of 6 runs did not learn" in r.reason and r.regime.startswith("not")
+    assert r.ours_text() == "-"  # a difference with a net that predicts nothing is not shown as ours
+    assert math.isfinite(r.interval.estimate)  # verdicts.csv still has the number, beside the verdict
 
 
 def test_a_learning_claim_says_its_nets_learned(tmp_path):
