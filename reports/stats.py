@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ablations.claims import ERROR_METRICS
+
 LEVEL = 0.95
 N_RESAMPLES = 5000
 RNG_SEED = 0
@@ -184,7 +186,7 @@ def cell_range(metric: str) -> tuple[float, float]:
     recorded metric (losses, epochs, seconds, rates, LRN factors) at least 0."""
     if metric == "gap":
         return -1.0, 1.0
-    if "error" in metric:
+    if metric in ERROR_METRICS:
         return 0.0, 1.0
     return (1.0 if metric == "lrn_factor_spread" else 0.0), math.inf
 
