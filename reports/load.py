@@ -356,8 +356,13 @@ def _tuned_coverage(runs: pd.DataFrame, axes: list[str], meta: dict) -> list[str
 
 
 def _run_problems(grid: GridResults, runs: pd.DataFrame, axes: list[str]) -> list[str]:
-    """Failed and diverged runs, and finished runs whose learning curves are missing."""
+    """Failed and diverged runs, finished runs whose learning curves are missing, runs trained in another grid."""
     notes = []
+    if "reused_from" in runs:
+        for source, copied in runs.dropna(subset=["reused_from"]).groupby("reused_from"):
+            if source:
+                notes.append(f"{len(copied)} run(s) trained in grid {source} with the same settings and copied here "
+                             f"(their machine time counts there)")
     ok = runs[runs.status.isin(FINISHED)]
     for status in ("failed", "diverged"):
         bad = runs[runs.status == status]
@@ -376,6 +381,8 @@ def machine_seconds(runs: pd.DataFrame) -> float:
     time (--jobs 2, a thread each) count half their wall time each, and one run on every core, in one process or
     in one per core, counts its own. GPU runs count their wall time."""
     done = runs[runs.status.isin(FINISHED)] if "status" in runs else runs
+    if "reused_from" in done:  # copied from the grid that trained it (Store.adopt_run): counted there
+        done = done[done.reused_from.isna() | (done.reused_from == "")]
     if not len(done) or "wall_seconds" not in done:
         return 0.0
     total = 0.0

@@ -152,6 +152,11 @@ def _cost_markdown(report: Report) -> list[str]:
               for name, budget, n, seconds, machines in rows]
     total = sum(r[3] for r in rows) / 3600
     lines += [f"| **total** | | {sum(r[2] for r in rows)} | **{total:.2f} h** | |", ""]
+    copied = sum(int((g.runs.get("reused_from", pd.Series(dtype=object)).fillna("") != "").sum())
+                 for g in report.grids if g.meta.get("tests_paper", True))
+    if copied:
+        lines += [f"{copied} of these runs were trained once in one grid and copied into another with the same "
+                  f"settings (`reused_from` in runs.csv); they count once, where they were trained.", ""]
     over = f"{total - OVERNIGHT_HOURS:.2f} h over it" if total > OVERNIGHT_HOURS else "within it"
     machines = len({d for g in report.grids if g.meta.get("tests_paper", True) and "device_name" in g.runs
                     for d in g.runs[g.runs.status.isin(FINISHED)].device_name.dropna()})  # not its precisions

@@ -341,7 +341,7 @@ def _run_grid(grid: str, settings: tuple[str, ...], budget: str, seeds: str | No
         store = Store(Path(results))
         g, specs = plan(grid, budget, overrides, seed_list, store)
         for s in specs:
-            state = "done" if store.is_done(g.name, s.run_id) else "pending"
+            state = store.run_state(g.name, s.run_id)
             axes = " ".join(f"{k}={v}" for k, v in s.axes if k != "epochs")  # printed after the seed
             click.echo(f"{s.run_id}  {state:7s}  {axes} seed={s.seed} epochs={s.epochs}")
         from ablations.grid import confirmation_count, expand
@@ -388,7 +388,8 @@ def _run_grid(grid: str, settings: tuple[str, ...], budget: str, seeds: str | No
         click.echo(f"{what}: every finished epoch is saved and the run locks are released; rerun the same command "
                    f"to resume", err=True)
         sys.exit(_interrupted_exit(err))
-    click.echo(f"grid {outcome.grid}: {len(outcome.trained)} trained, {len(outcome.skipped)} already done, "
+    reused = f"{len(outcome.reused)} reused from other grids, " if outcome.reused else ""
+    click.echo(f"grid {outcome.grid}: {len(outcome.trained)} trained, {len(outcome.skipped)} already done, {reused}"
                f"{len(outcome.diverged)} diverged, {len(outcome.failed)} failed, {len(outcome.busy)} busy; "
                f"results in {Path(results) / outcome.grid}")
     if outcome.busy:

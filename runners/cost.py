@@ -91,11 +91,11 @@ def estimate_rows(grid_name: str, budget: str, overrides: dict, seeds: list[int]
         seconds = None
         if probe:
             seconds = (train + test / 3) / probe_images_per_second(s.model, s.batch_size // s.devices, s.precision, dev)
-        done = store.is_done(grid.name, s.run_id)
-        total += 0.0 if done or seconds is None else seconds
+        state = store.run_state(grid.name, s.run_id)  # a run finished in another grid is copied: no work
+        total += seconds if state == "pending" and seconds is not None else 0.0
         runs.append({"run_id": s.run_id, "axes": dict(s.axes), "seed": s.seed, "epochs": s.epochs,
                      "gflop_per_image": train_flops_per_image(s.model) / 1e9, "estimated_seconds": seconds,
-                     "state": "done" if done else "pending"})
+                     "state": state})
     later = confirmation_count(grid, budget, seeds) - (len(specs) - len(expand(grid, budget, dict(overrides), seeds)))
     return {"grid": grid.name, "budget": budget, "device": dev, "runs": runs, "pending_runs": sum(
         r["state"] == "pending" for r in runs), "confirmation_runs_to_come": max(later, 0),
@@ -137,15 +137,16 @@ def estimate_table(grid_name: str, budget: str, overrides: dict, seeds: list[int
     for s in specs:
         train, test = run_images(s)
         flops = train_flops_per_image(s.model)
-        total_flop += flops * (train + test / 3)
         est = ""
         if probe:
             rate = probe_images_per_second(s.model, s.batch_size // s.devices, s.precision, dev)
             seconds = (train + test / 3) / rate
-            total_s += seconds
             est = _fmt_seconds(seconds)
         axes = dict(s.axes)
-        state = "done" if store.is_done(grid.name, s.run_id) else "pending"
+        state = store.run_state(grid.name, s.run_id)
+        if not state.startswith("reuses"):  # a copy costs this grid nothing
+            total_flop += flops * (train + test / 3)
+            total_s += seconds if probe else 0.0
         table.add_row(s.run_id, *[str(axes.get(a, "")) for a in grid.axis_names], str(s.seed), str(s.epochs),
                       f"{flops / 1e9:.3f}", est, state)
     table.add_section()

@@ -136,6 +136,12 @@ def attempt_run(spec: RunSpec, i: int, total: int, store: Store, grid: str, data
             outcome.skipped.append(spec.run_id)
             return "done"
         remove_stale_temps(rdir)  # what a killed writer of this run left; the lock says nobody writes here now
+        if source := store.finished_elsewhere(grid, spec.run_id):
+            store.adopt_run(source, grid, spec.to_json())
+            outcome.reused.append(spec.run_id)
+            reporter.skip(spec, f"finished in grid {source} with the same settings; copied, not trained again")
+            store.write_aggregates(grid)
+            return "done"
         reporter.start_run(spec, i, total)
         result = train_one(spec, datasets[spec.dataset], rdir, dev, context, reporter, lock, data_dir, options)
         reporter.end_run(result)

@@ -99,6 +99,8 @@ def run_jobs(request: GridRequest, jobs: int, say: Callable[[str], None] = print
         status = summary.get("status")
         if s.run_id in before:
             outcome.skipped.append(s.run_id)
+        elif summary.get("reused_from"):
+            outcome.reused.append(s.run_id)
         elif status == "failed":
             outcome.failed.append(s.run_id)
         elif status in FINISHED:

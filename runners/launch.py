@@ -38,6 +38,7 @@ class GridOutcome:
     total: int
     trained: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # finished before
+    reused: list[str] = field(default_factory=list)  # finished in another grid, copied (Store.adopt_run)
     busy: list[str] = field(default_factory=list)  # locked by another live process
     failed: list[str] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)

@@ -220,6 +220,47 @@ class Store:
         s = self.summary(grid, run_id)
         return s is not None and s.get("status") in FINISHED
 
+    def finished_elsewhere(self, grid: str, run_id: str) -> str | None:
+        """Another grid whose folder holds this run finished. The run id hashes every field that decides a result,
+        so it is the same run: adopt_run copies it rather than training it again. Folders reached through links
+        are not looked at."""
+        for rdir in sorted(self.root.glob(f"*/{RUNS_DIR}/{run_id}")):
+            other = rdir.parent.parent.name
+            if other == grid or any(p.is_symlink() for p in (rdir.parent.parent, rdir.parent, rdir,
+                                                              rdir / SUMMARY_JSON)):
+                continue
+            s = RunFolder(rdir).read_summary()
+            if s is not None and s.get("status") in FINISHED and s.get("run_id") == run_id:
+                return other
+        return None
+
+    def run_state(self, grid: str, run_id: str) -> str:
+        """"done", "reuses <grid>" (finished in another grid: copied, not trained) or "pending"."""
+        if self.is_done(grid, run_id):
+            return "done"
+        other = self.finished_elsewhere(grid, run_id)
+        return f"reuses {other}" if other else "pending"
+
+    def adopt_run(self, source: str, grid: str, spec_json: dict) -> dict:
+        """Copy the finished run of grid `source` into `grid`, relabelled with this grid's name and axes
+        (`spec_json`, the run's RunSpec.to_json()). Its summary records `reused_from`, the grid that trained it, so
+        its machine time counts there only; it is written last, so a copy killed half-way is simply adopted again.
+        Call it holding the run's lock."""
+        src, dst = RunFolder(self.run_dir(source, spec_json["run_id"])), RunFolder(self.make_run_dir(
+            grid, spec_json["run_id"]))
+        summary = src.read_summary()
+        if summary is None:
+            raise UserError(f"{src.path} lost its summary.json while being reused; rerun the same command")
+        for name in (EPOCHS_CSV, TRACE_CSV, MODEL_PT):
+            path = src.path / name
+            if path.is_file() and not path.is_symlink():
+                atomic_write_bytes(dst.path / name, path.read_bytes())
+        dst.write_spec(spec_json)
+        summary.update(grid=grid, axes=dict(spec_json["axes"]), spec=spec_json,
+                       reused_from=summary.get("reused_from") or source)
+        atomic_write_json(dst.path / SUMMARY_JSON, summary)
+        return summary
+
     def check_writable(self, grid: str | None = None) -> None:
         """The results folder, and a grid's folder, runs folder and aggregate lock when they exist, are writable
         and no links: checked before anything is written, so a refusal changes nothing."""
@@ -312,6 +353,8 @@ def summary_row(summary: dict) -> dict:
            "stop_reason": summary.get("stop_reason", "")}
     row.update(summary["axes"])
     row["seed"] = summary["spec"]["seed"]
+    if summary.get("reused_from"):  # trained in that grid (Store.adopt_run): its machine time counts there
+        row["reused_from"] = summary["reused_from"]
     row.update(summary["metrics"])
     row.update(summary["env"])
     return row

@@ -424,3 +424,47 @@ def test_show_says_when_a_busy_machine_makes_its_estimates_read_high(tmp_path, m
     assert busy.exit_code == 0 and "the machine is busy (load average" in busy.output, busy.output
     unprobed = CliRunner().invoke(main, [*args, "--no-probe"], terminal_width=200)
     assert "busy" not in unprobed.output  # no probe, no timing to spoil
+
+
+def test_a_run_finished_in_another_grid_is_copied_not_trained_and_its_cost_counts_once(tmp_path, data_dir):
+    """Same run id = same result fields: a second grid adopts the finished run (relabelled), trains nothing."""
+    from reports.load import machine_seconds
+
+    small = ("axes.lrn=[false]", "--seeds", "1")
+    runner = CliRunner()
+    assert runner.invoke(main, _args(tmp_path, data_dir, *small)).exit_code == 0
+    (tmp_path / "smoke").rename(tmp_path / "other")  # the same runs, finished in another grid's folder
+    (tmp_path / "other" / "runs.csv").unlink()
+    dry = runner.invoke(main, _args(tmp_path, data_dir, *small, "--dry-run"))
+    assert dry.output.count("reuses other") == 2, dry.output
+    result = runner.invoke(main, _args(tmp_path, data_dir, *small))
+    assert result.exit_code == 0, result.output
+    assert "0 trained, 0 already done, 2 reused from other grids" in result.output
+    for rdir in (tmp_path / "smoke" / "runs").iterdir():
+        source = tmp_path / "other" / "runs" / rdir.name
+        summary = json.loads((rdir / "summary.json").read_text())
+        assert summary["grid"] == summary["spec"]["grid"] == "smoke" and summary["reused_from"] == "other"
+        assert json.loads((rdir / "spec.json").read_text())["grid"] == "smoke"
+        assert (rdir / "epochs.csv").read_bytes() == (source / "epochs.csv").read_bytes()
+        assert summary["metrics"] == json.loads((source / "summary.json").read_text())["metrics"]
+    runs = pd.read_csv(tmp_path / "smoke" / "runs.csv")
+    assert list(runs.reused_from) == ["other", "other"] and runs.wall_seconds.gt(0).all()
+    assert machine_seconds(runs) == 0.0  # counted where it was trained
+    report = runner.invoke(main, ["report", "--results", str(tmp_path), "--grid", "smoke", "--dpi", "30"])
+    assert report.exit_code == 0, report.output
+    assert "2 run(s) trained in grid other with the same settings" in (tmp_path / "report" / "REPORT.md").read_text()
+    again = runner.invoke(main, _args(tmp_path, data_dir, *small))
+    assert "0 trained, 2 already done" in again.output
+
+
+def test_runs_behind_a_link_are_never_adopted(tmp_path, data_dir):
+    small = ("axes.lrn=[false]", "--seeds", "1")
+    runner = CliRunner()
+    elsewhere = tmp_path / "elsewhere"
+    assert runner.invoke(main, _args(elsewhere, data_dir, *small)).exit_code == 0
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "other").symlink_to(elsewhere / "smoke", target_is_directory=True)
+    result = runner.invoke(main, _args(out, data_dir, *small))
+    assert result.exit_code == 0 and "2 trained" in result.output, result.output
+    assert "reused_from" not in pd.read_csv(out / "smoke" / "runs.csv")
