@@ -44,7 +44,8 @@ relu-6x has a row per condition.
   its *selection* seeds, and estimates the effect on separate *confirmation* seeds at that value, so the interval
   is not made optimistic by the choice. The report says where the chosen value sits in its sweep.
 - **Power.** Each verdict gives the smallest effect its seeds detect with 80% power at the measured seed spread,
-  and, when that exceeds the paper's effect, about how many seeds would resolve it.
+  and, when that exceeds the paper's effect (or the margin), calls the cell *underpowered* with about how many seeds
+  would resolve it.
 - **Verdicts**, with the paper's number P (positive = the paper's direction) and the interval against no effect
   (0 for differences, 1x for ratios):
   - *{REPRODUCED}*: the interval excludes no effect and includes P;

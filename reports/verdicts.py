@@ -187,9 +187,9 @@ def _reason(text: str, iv: Interval, claim: Claim, mde: float, needed: int | Non
         power_note = f"; these seeds detect only effects of {fmt(mde, claim)} or more (80% power)"
         target = claim.margin if claim.margin is not None else claim.paper
         if target is not None and needed and (mde > abs(target) if claim.effect != "ratio" else mde > target):
-            power_note += f"; about {needed} seeds would resolve {fmt(target, claim)}"
+            power_note += f"; underpowered: about {needed} seeds would resolve {fmt(target, claim)}"
         elif target is not None and needed is None:
-            power_note += "; more than 200 seeds would be needed at this spread"
+            power_note += "; underpowered: more than 200 seeds would be needed at this spread"
     if not iv.has_interval:
         return "a single seed pair: no interval, so no verdict"
     if text.startswith(NO_EFFECT):

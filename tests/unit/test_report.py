@@ -559,7 +559,8 @@ def test_every_verdict_has_a_plain_reason_and_a_power_statement(tmp_path):
     (r,) = evaluate(load_grid(tmp_path, "lrn"))
     assert r.verdict == INCONCLUSIVE and r.verdict in VERDICTS
     assert r.reason.startswith("the interval [") and "includes no effect (0)" in r.reason
-    assert "these seeds detect only effects of" in r.reason and "seeds would resolve +1.40 pts" in r.reason
+    assert "these seeds detect only effects of" in r.reason and "underpowered: about" in r.reason
+    assert "seeds would resolve +1.40 pts" in r.reason
     assert "nan" not in r.reason and r.detectable > 1.4 and r.seeds_needed > 3
 
 
