@@ -19,8 +19,8 @@ from matplotlib.lines import Line2D
 
 from ablations.choices import FINISHED
 from reports.claims import ClaimResult
-from reports.verdicts import (INCONCLUSIVE, LARGER, MEASURED, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE, OPPOSITE,
-                              REPRODUCED, SMALLER, side_name)
+from reports.verdicts import (INCONCLUSIVE, LARGER, MEASURED, NO_EFFECT, NOT_EQUIVALENT, NOT_REPRODUCED, NOT_TESTABLE,
+                              OPPOSITE, REPRODUCED, SMALLER, side_name)
 from reports.load import GridResults, canon, cell_label, display_axes
 from reports.output import write_atomic
 from reports.stats import clip, compare, mean_ci
@@ -31,6 +31,7 @@ RC = {**sns.axes_style("whitegrid"), "font.size": 11, "axes.titlesize": 12, "axe
       "svg.hashsalt": "ablate"}  # fixed SVG element ids (else random): an unchanged figure rewrites the same bytes
 PALETTE = sns.color_palette("colorblind")
 VERDICT_COLORS = {REPRODUCED: PALETTE[2], SMALLER: PALETTE[1], LARGER: PALETTE[8], OPPOSITE: PALETTE[3],
+                  NOT_REPRODUCED: PALETTE[5],
                   INCONCLUSIVE: PALETTE[7], NOT_TESTABLE: PALETTE[4], MEASURED: PALETTE[0], NO_EFFECT: PALETTE[2],
                   NOT_EQUIVALENT: PALETTE[3]}
 

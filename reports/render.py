@@ -17,7 +17,7 @@ from ablations.errors import UserError
 from ablations.grid import grid_names, load_grid
 from reports.claims import ClaimResult, evaluate
 from reports.verdicts import (INCONCLUSIVE, LARGER, MEASURED, NO_DATA, NO_EFFECT, NOT_EQUIVALENT, NOT_TESTABLE,
-                              LRN_ACTS, OPPOSITE, OVERFIT_POINTS, REPRODUCED, SMALLER)
+                              LRN_ACTS, NOT_REPRODUCED, OPPOSITE, OVERFIT_POINTS, REPRODUCED, SMALLER)
 from reports.figures import forest_figure, grid_figures
 from reports.output import write_text
 from reports.load import CENSORABLE, METRICS, GridResults, canon, coverage, display_axes, load_results, machine_seconds
@@ -51,7 +51,8 @@ relu-6x has a row per condition.
   - *{REPRODUCED}*: the interval excludes no effect and includes P;
   - *{SMALLER}* / *{LARGER}*: the interval excludes no effect but lies short of / beyond P;
   - *{OPPOSITE}*: the interval lies on the other side of no effect;
-  - *{INCONCLUSIVE}*: the interval includes no effect (or a single seed pair gives no interval);
+  - *{NOT_REPRODUCED}*: the interval includes no effect and stops short of P (the paper's effect is excluded);
+  - *{INCONCLUSIVE}*: the interval includes no effect and P (or a single seed pair gives no interval);
   - *{NO_EFFECT}*: a claim with a margin m (ours: bf16 against fp32): the whole interval lies inside (-m, m);
     *{NOT_EQUIVALENT}* when it lies wholly at or beyond m;
   - *{MEASURED}*: the paper gives no number; the direction of the interval is stated;
@@ -316,7 +317,8 @@ def _num(x, k: float = 1) -> str:
 
 def claims_table(report: Report) -> Table:
     """The claims table for the terminal (rich)."""
-    colors = {REPRODUCED: "green", SMALLER: "yellow", LARGER: "yellow", OPPOSITE: "red", INCONCLUSIVE: "white",
+    colors = {REPRODUCED: "green", SMALLER: "yellow", LARGER: "yellow", OPPOSITE: "red", NOT_REPRODUCED: "red",
+              INCONCLUSIVE: "white",
               NOT_TESTABLE: "magenta", MEASURED: "cyan", NO_EFFECT: "green", NOT_EQUIVALENT: "red", NO_DATA: "dim"}
     labels = {"data set": {r.dataset_label or "-" for r in report.results},
               "budget": {r.budget or "-" for r in report.results}}

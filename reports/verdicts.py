@@ -24,13 +24,14 @@ LARGER = "same direction, larger"
 NO_EFFECT = "no effect"
 OPPOSITE = "opposite"
 INCONCLUSIVE = "inconclusive"
+NOT_REPRODUCED = "not reproduced"  # no effect detected, and the paper's effect excluded
 NOT_TESTABLE = "not testable at this budget"
 MEASURED = "measured"  # a line whose paper gives no number: the direction is stated
 NO_DATA = "no data"
 EQUIVALENT = NO_EFFECT  # an equivalence claim (a margin, no paper number) that holds
 NOT_EQUIVALENT = "differs by the margin or more"
-VERDICTS = (REPRODUCED, SMALLER, LARGER, NO_EFFECT, OPPOSITE, INCONCLUSIVE, NOT_TESTABLE, MEASURED, NO_DATA,
-            NOT_EQUIVALENT)
+VERDICTS = (REPRODUCED, SMALLER, LARGER, NO_EFFECT, OPPOSITE, NOT_REPRODUCED, INCONCLUSIVE, NOT_TESTABLE, MEASURED,
+            NO_DATA, NOT_EQUIVALENT)
 
 
 def fmt(x: float, claim: Claim, unit: bool = True) -> str:
@@ -206,6 +207,8 @@ def _reason(text: str, iv: Interval, claim: Claim, mde: float, needed: int | Non
         base = f"the interval {span} lies on the other side of no effect ({none}) from the paper's {paper}"
     elif text.startswith(MEASURED):
         base = f"the paper gives no number; the interval is {span}"
+    elif text == NOT_REPRODUCED:
+        base = f"the interval {span} includes no effect ({none}) and excludes the paper's {paper}"
     else:
         base = f"the interval {span} includes no effect ({none})" + (
             f" and the paper's {paper}" if claim.paper is not None and iv.lo <= claim.paper <= iv.hi else "")
@@ -244,4 +247,4 @@ def verdict(iv: Interval, claim: Claim) -> str:
         return LARGER if lo > p else REPRODUCED
     if hi < 0:
         return OPPOSITE
-    return INCONCLUSIVE
+    return NOT_REPRODUCED if hi < p else INCONCLUSIVE

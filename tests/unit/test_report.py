@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from ablations.errors import UserError
 from ablations.claims import Claim
 from reports.claims import claims_of, evaluate, keyed, split_axes
-from reports.verdicts import (EQUIVALENT, INCONCLUSIVE, LARGER, MEASURED, NOT_EQUIVALENT, NOT_TESTABLE, OPPOSITE,
-                              REPRODUCED, SMALLER, VERDICTS, verdict)
+from reports.verdicts import (EQUIVALENT, INCONCLUSIVE, LARGER, MEASURED, NOT_EQUIVALENT, NOT_REPRODUCED,
+                              NOT_TESTABLE, OPPOSITE, REPRODUCED, SMALLER, VERDICTS, verdict)
 from reports.load import load_grid, load_results
 from reports.stats import Interval, bootstrap, compare, mean_ci, paired_ratio, t_critical
 
@@ -179,10 +179,13 @@ def test_planted_6x_is_recovered_and_tuning_picks_each_sides_best_lr(tmp_path):
     assert sec.claim.secondary and sec.runs_a == r.runs_a and sec.verdict.startswith(MEASURED)
 
 
-def test_zero_effect_is_inconclusive(tmp_path):
+def test_zero_effect_is_not_reproduced_when_the_paper_is_excluded_else_inconclusive(tmp_path):
     write_grid(tmp_path, "lrn", lrn_runs(range(5), effect_points=0.0), [LRN_CLAIM], target=None)
     (r,) = evaluate(load_grid(tmp_path, "lrn"))
-    assert r.interval.lo < 0 < r.interval.hi and r.verdict == INCONCLUSIVE
+    assert r.interval.lo < 0 < r.interval.hi < 1.4 and r.verdict == NOT_REPRODUCED
+    assert "includes no effect (0) and excludes the paper's +1.40 pts" in r.reason
+    for lo, hi, expected in ((-0.5, 1.3, NOT_REPRODUCED), (-0.5, 1.5, INCONCLUSIVE), (-0.5, 1.4, INCONCLUSIVE)):
+        assert verdict(Interval((lo + hi) / 2, lo, hi, 5, "paired t"), r.claim) == expected
 
 
 @pytest.mark.parametrize("effect, expected", [(-2.0, OPPOSITE), (0.5, SMALLER), (1.4, REPRODUCED), (3.0, LARGER)])
