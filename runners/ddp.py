@@ -189,7 +189,7 @@ def follow_grid(request: GridRequest, say: Callable[[str], None] = print) -> Gri
         f"{grid.name} at {nodes.rdzv}")
     outcome = GridOutcome(grid.name, len(multi))
     for spec in multi:
-        if store.is_done(grid.name, spec.run_id):
+        if store.run_state(grid.name, spec.run_id) != "pending":  # done, or node 0 copies it from another grid
             outcome.skipped.append(spec.run_id)
             continue
         say(f"join run {spec.run_id} " + " ".join(f"{k}={v}" for k, v in spec.axes) + f" seed={spec.seed}")

@@ -2,6 +2,7 @@
 
 A 2-rank run must end where the 1-process run with the same global batch ends; a killed rank must fail the
 run quickly and leave it resumable, and the resumed run must end bit-for-bit where an uninterrupted one ends."""
+import json
 import os
 import signal
 import sys
@@ -177,3 +178,19 @@ def test_multi_node_launch_uses_static_ranks_from_node_0(tmp_path):
         Nodes(2, 0, "h:1").per_node(3)
     with pytest.raises(Exception, match="needs --rdzv HOST:PORT"):
         Nodes(2, 0, "").check()
+
+
+def test_a_follower_node_skips_the_runs_node_0_copies_from_another_grid(tmp_path, monkeypatch):
+    """Node 0 copies a run finished in another grid instead of training it, so a follower must not wait for it."""
+    from runners import ddp
+    from runners.launch import GridRequest, plan
+
+    _, specs = plan("gpus", "cpu")
+    multi = [s for s in specs if s.devices > 1]
+    for s in multi:
+        rdir = tmp_path / "other" / "runs" / s.run_id
+        rdir.mkdir(parents=True)
+        (rdir / "summary.json").write_text(json.dumps({"run_id": s.run_id, "status": "finished"}))
+    monkeypatch.setattr(ddp, "run_torchrun", lambda *a, **k: pytest.fail("joined a run node 0 copies"))
+    outcome = ddp.follow_grid(GridRequest("gpus", tmp_path, budget="cpu"), say=lambda msg: None)
+    assert multi and outcome.skipped == [s.run_id for s in multi] and not outcome.trained
