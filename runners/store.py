@@ -256,6 +256,7 @@ class Store:
             if path.is_file() and not path.is_symlink():
                 atomic_write_bytes(dst.path / name, path.read_bytes())
         dst.write_spec(spec_json)
+        dst.drop_checkpoints()  # an interrupted training of the same run here: the copy replaces it
         summary.update(grid=grid, axes=dict(spec_json["axes"]), spec=spec_json,
                        reused_from=summary.get("reused_from") or source)
         atomic_write_json(dst.path / SUMMARY_JSON, summary)

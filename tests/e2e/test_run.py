@@ -437,6 +437,9 @@ def test_a_run_finished_in_another_grid_is_copied_not_trained_and_its_cost_count
     (tmp_path / "other" / "runs.csv").unlink()
     dry = runner.invoke(main, _args(tmp_path, data_dir, *small, "--dry-run"))
     assert dry.output.count("reuses other") == 2, dry.output
+    first_id = sorted(p.name for p in (tmp_path / "other" / "runs").iterdir())[0]
+    (tmp_path / "smoke" / "runs" / first_id).mkdir(parents=True)  # an interrupted training of the same run here
+    (tmp_path / "smoke" / "runs" / first_id / "checkpoint.pt").write_bytes(b"old")
     result = runner.invoke(main, _args(tmp_path, data_dir, *small))
     assert result.exit_code == 0, result.output
     assert "0 trained, 0 already done, 2 reused from other grids" in result.output
@@ -447,6 +450,7 @@ def test_a_run_finished_in_another_grid_is_copied_not_trained_and_its_cost_count
         assert json.loads((rdir / "spec.json").read_text())["grid"] == "smoke"
         assert (rdir / "epochs.csv").read_bytes() == (source / "epochs.csv").read_bytes()
         assert summary["metrics"] == json.loads((source / "summary.json").read_text())["metrics"]
+    assert not (tmp_path / "smoke" / "runs" / first_id / "checkpoint.pt").exists()
     runs = pd.read_csv(tmp_path / "smoke" / "runs.csv")
     assert list(runs.reused_from) == ["other", "other"] and runs.wall_seconds.gt(0).all()
     assert machine_seconds(runs) == 0.0  # counted where it was trained
