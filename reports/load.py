@@ -358,11 +358,9 @@ def _tuned_coverage(runs: pd.DataFrame, axes: list[str], meta: dict) -> list[str
 def _run_problems(grid: GridResults, runs: pd.DataFrame, axes: list[str]) -> list[str]:
     """Failed and diverged runs, finished runs whose learning curves are missing, runs trained in another grid."""
     notes = []
-    if "reused_from" in runs:
-        for source, copied in runs.dropna(subset=["reused_from"]).groupby("reused_from"):
-            if source:
-                notes.append(f"{len(copied)} run(s) trained in grid {source} with the same settings and copied here "
-                             f"(their machine time counts there)")
+    for source, copies in runs[copied(runs)].groupby("reused_from") if "reused_from" in runs else ():
+        notes.append(f"{len(copies)} run(s) trained in grid {source} with the same settings and copied here "
+                     f"(their machine time counts there)")
     ok = runs[runs.status.isin(FINISHED)]
     for status in ("failed", "diverged"):
         bad = runs[runs.status == status]
@@ -375,14 +373,20 @@ def _run_problems(grid: GridResults, runs: pd.DataFrame, axes: list[str]) -> lis
     return notes
 
 
+def copied(runs: pd.DataFrame) -> pd.Series:
+    """The runs copied from the grid that trained them (Store.adopt_run: `reused_from` names it)."""
+    if "reused_from" not in runs:
+        return pd.Series(False, index=runs.index)
+    return runs.reused_from.fillna("").astype(str) != ""
+
+
 def machine_seconds(runs: pd.DataFrame) -> float:
     """The machine time a grid's finished runs took: each run's wall time x its threads x its processes (a DDP
     run's world_size) / the machine's cores (read from device_name, "..., 2 CPUs"), so that runs trained two at a
     time (--jobs 2, a thread each) count half their wall time each, and one run on every core, in one process or
     in one per core, counts its own. GPU runs count their wall time."""
     done = runs[runs.status.isin(FINISHED)] if "status" in runs else runs
-    if "reused_from" in done:  # copied from the grid that trained it (Store.adopt_run): counted there
-        done = done[done.reused_from.isna() | (done.reused_from == "")]
+    done = done[~copied(done)]  # counted in the grid that trained them
     if not len(done) or "wall_seconds" not in done:
         return 0.0
     total = 0.0

@@ -20,7 +20,8 @@ from reports.verdicts import (INCONCLUSIVE, LARGER, MEASURED, NO_DATA, NO_EFFECT
                               LRN_ACTS, NOT_REPRODUCED, OPPOSITE, OVERFIT_POINTS, REPRODUCED, SMALLER)
 from reports.figures import forest_figure, grid_figures
 from reports.output import write_text
-from reports.load import CENSORABLE, METRICS, GridResults, canon, coverage, display_axes, load_results, machine_seconds
+from reports.load import (CENSORABLE, METRICS, GridResults, canon, copied, coverage, display_axes, load_results,
+                          machine_seconds)
 from reports.stats import LEVEL, N_RESAMPLES, RNG_SEED, cell_summary
 
 ERRORS = {"train_error", "clean_train_error", "val_error", "test_error", "test_error_top5", "test_error_at_best_val",
@@ -154,10 +155,10 @@ def _cost_markdown(report: Report) -> list[str]:
               for name, budget, n, seconds, machines in rows]
     total = sum(r[3] for r in rows) / 3600
     lines += [f"| **total** | | {sum(r[2] for r in rows)} | **{total:.2f} h** | |", ""]
-    copied = sum(int((g.runs.get("reused_from", pd.Series(dtype=object)).fillna("") != "").sum())
-                 for g in report.grids if g.meta.get("tests_paper", True))
-    if copied:
-        lines += [f"{copied} of these runs were trained once in one grid and copied into another with the same "
+    n_copied = sum(int(copied(g.runs[g.runs.status.isin(FINISHED)]).sum()) for g in report.grids
+                   if g.meta.get("tests_paper", True) and len(g.runs))
+    if n_copied:
+        lines += [f"{n_copied} of these runs were trained once in one grid and copied into another with the same "
                   f"settings (`reused_from` in runs.csv); they count once, where they were trained.", ""]
     over = f"{total - OVERNIGHT_HOURS:.2f} h over it" if total > OVERNIGHT_HOURS else "within it"
     machines = len({d for g in report.grids if g.meta.get("tests_paper", True) and "device_name" in g.runs
