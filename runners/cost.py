@@ -65,7 +65,7 @@ def busy_note(load: float, cores: int) -> str:
 def run_images(spec: RunSpec) -> tuple[int, int]:
     """(training images, test images) processed by a run at its epoch cap."""
     train = (spec.subset or TRAIN_SIZE) * spec.epochs
-    test = (spec.test_subset or TEST_SIZE) * spec.epochs * spec.test_crops
+    test = (spec.test_subset or TEST_SIZE) * spec.epochs * (spec.test_crops + (spec.test_crops > 1))  # + plain view
     return train, test
 
 

@@ -88,6 +88,8 @@ def summarise(spec: RunSpec, rows: list[dict], status: str, stop_reason: str, er
     metrics = {k: float(last.get(k, float("nan"))) for k in
                ("train_loss", "train_error", "val_loss", "val_error", "clean_train_loss", "clean_train_error",
                 "test_loss", "test_error", "test_error_top5")}
+    if "test_error_1view" in last:  # a multi-view test run: the same net's plain-view test error
+        metrics["test_error_1view"] = float(last["test_error_1view"])
     val_errors = [r["val_error"] for r in rows if not math.isnan(r.get("val_error", math.nan))]
     best = min(range(len(val_errors)), key=val_errors.__getitem__) if val_errors else None
     metrics.update(epochs=spec.epochs, epochs_run=len(rows),

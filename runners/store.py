@@ -31,6 +31,8 @@ TMP_MARK = ".tmp"  # a write goes to .<name>.tmp<pid> first
 EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_error", "val_loss", "val_error", "clean_train_loss",
                  "clean_train_error", "predicted_classes", "test_loss", "test_error", "test_error_top5",
                  "epoch_seconds", "images_per_second", "cum_seconds"]
+# columns only a multi-view (10-crop) test run writes: its net's plain-view test numbers (runners/train.py)
+VIEW_COLUMNS = ["test_loss_1view", "test_error_1view"]
 AGGREGATE_EPOCH_COLUMNS = ["epoch_lr" if c == "lr" else c for c in EPOCH_COLUMNS]  # results/<grid>/epochs.csv
 # the running training error, TRACE_POINTS times per epoch (runners/train.py: trace_rows)
 TRACE_COLUMNS = ["epoch", "segment_wrong", "segment_loss_sum", "segment_images", "segment_error", "window_error",
@@ -90,6 +92,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
     atomic_write_text(path, df.to_csv(index=False))
+
+
+def epoch_columns(rows: list[dict]) -> list[str]:
+    """EPOCH_COLUMNS, with the plain-view test columns after the top-5 error where the rows have them: a
+    single-view run's epochs.csv keeps exactly the standard columns."""
+    if not any(c in r for r in rows[:1] for c in VIEW_COLUMNS):
+        return EPOCH_COLUMNS
+    at = EPOCH_COLUMNS.index("test_error_top5") + 1
+    return EPOCH_COLUMNS[:at] + VIEW_COLUMNS + EPOCH_COLUMNS[at:]
 
 
 def rows_csv(rows: list[dict], columns: list[str]) -> str:
@@ -174,7 +185,7 @@ class RunFolder:
             (self.path / name).unlink(missing_ok=True)
 
     def write_curves(self, rows: list[dict], trace: list[dict]) -> None:
-        atomic_write_text(self.path / EPOCHS_CSV, rows_csv(rows, EPOCH_COLUMNS))
+        atomic_write_text(self.path / EPOCHS_CSV, rows_csv(rows, epoch_columns(rows)))
         atomic_write_text(self.path / TRACE_CSV, rows_csv(trace, TRACE_COLUMNS))
 
     def write_result(self, rows: list[dict], trace: list[dict], weights: bytes, summary: dict) -> None:
@@ -323,7 +334,7 @@ def run_epochs(rdir: Path, summary: dict, warn: Callable[[str], None] = _warn) -
     damaged file whose summary holds no rows (written before summaries kept them) is left out, with a warning."""
     path, rows = rdir / EPOCHS_CSV, summary.get("epochs")
     if rows and summary["status"] in FINISHED:
-        text = rows_csv(rows, EPOCH_COLUMNS)
+        text = rows_csv(rows, epoch_columns(rows))
         try:
             intact = path.read_text() == text
         except (OSError, UnicodeDecodeError):

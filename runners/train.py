@@ -240,6 +240,9 @@ def run_epoch(net: torch.nn.Module, t: Trainee, spec: RunSpec, device: torch.dev
     trace += trace_rows(epoch, segs, trace_segments(math.ceil(len(dd.train_y) / spec.batch_size))[1],
                         trace[-TRACE_POINTS:])
     test = evaluate_split(t.model, dd.test_x, dd.test_y, t.aug, spec, device, spec.test_crops, shard, reduce)
+    # a multi-view test also reads the plain view of the same net: the test-time effect, paired within one run
+    one = evaluate_split(t.model, dd.test_x, dd.test_y, t.aug, spec, device, 1, shard, reduce) \
+        if spec.test_crops > 1 else None
     clean = evaluate_split(t.model, dd.clean_x, dd.clean_y, t.aug, spec, device, 1, shard, reduce)
     val = evaluate_split(t.model, dd.val_x, dd.val_y, t.aug, spec, device, 1, shard, reduce) \
         if dd.val_x is not None else None
@@ -248,8 +251,9 @@ def run_epoch(net: torch.nn.Module, t: Trainee, spec: RunSpec, device: torch.dev
                 val_loss=val.loss if val else math.nan, val_error=val.error if val else math.nan,
                 clean_train_loss=clean.loss, clean_train_error=clean.error,
                 predicted_classes=clean.predicted_classes, test_loss=test.loss, test_error=test.error,
-                test_error_top5=test.error_top5, epoch_seconds=seconds, images_per_second=n_seen / seconds,
-                cum_seconds=cum + seconds)
+                test_error_top5=test.error_top5,
+                **({"test_loss_1view": one.loss, "test_error_1view": one.error} if one else {}),
+                epoch_seconds=seconds, images_per_second=n_seen / seconds, cum_seconds=cum + seconds)
 
 
 def checkpoint_state(spec: RunSpec, t: Trainee, rng: dict, rng_ranks: list, rows: list, trace: list,

@@ -216,3 +216,22 @@ def test_the_gate_times_fp32_forms_of_every_case_where_bf16_is_emulated():
     assert set(kinds(emulated)) == set(kinds(native)) == {"train", "pipeline", "eval", "loop"}
     assert "eval alexnet-w0.25 fp32 10-crop" in emulated and "run loop convnet4 fp32" in emulated
     assert "eval alexnet-w0.25 bf16 10-crop" in native and not set(worker.FP32_FORMS) & set(native)
+
+
+def test_a_ten_crop_run_also_reads_its_net_on_the_plain_view(tmp_path, data):
+    """The 10-crop level's runs give both readings of one net: test_error_1view equals, epoch by epoch, what the
+    same training tested on the plain view records, and training itself does not change. A plain-view run's
+    epochs.csv keeps exactly the standard columns."""
+    from runners.store import EPOCH_COLUMNS
+    one = train_run(_spec(augment="crop_flip", test_subset=40), data, tmp_path / "one", "cpu")
+    ten = train_run(_spec(augment="crop_flip", test_subset=40, test_crops=10), data, tmp_path / "ten", "cpu")
+    keys = ["lr", "train_loss", "train_error", "val_error", "clean_train_error"]
+    assert [[r[k] for k in keys] for r in one.rows] == [[r[k] for k in keys] for r in ten.rows]
+    assert [r["test_error"] for r in one.rows] == [r["test_error_1view"] for r in ten.rows]
+    assert [r["test_loss"] for r in one.rows] == [r["test_loss_1view"] for r in ten.rows]
+    assert [r["test_loss"] for r in one.rows] != [r["test_loss"] for r in ten.rows]  # ten views do differ
+    assert ten.summary["metrics"]["test_error_1view"] == one.summary["metrics"]["test_error"]
+    assert "test_error_1view" not in one.summary["metrics"]
+    assert (tmp_path / "one" / "epochs.csv").read_text().splitlines()[0].split(",") == EPOCH_COLUMNS
+    header = (tmp_path / "ten" / "epochs.csv").read_text().splitlines()[0].split(",")
+    assert header[header.index("test_error_top5") + 1:][:2] == ["test_loss_1view", "test_error_1view"]
