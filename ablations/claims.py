@@ -9,10 +9,10 @@ from typing import Any
 from ablations.errors import UserError, check_table, no_unknown
 
 ERROR_METRICS = {"train_error", "test_error", "test_error_top5", "test_error_at_best_val", "gap", "val_error",
-                 "clean_train_error"}
+                 "clean_train_error", "test_error_1view"}
 THROUGHPUT_METRICS = {"images_per_second"}  # a speed needs no learning: the chance guard leaves these alone
 CLAIM_KEYS = {"id", "paper_claim", "title", "metric", "axis", "a", "b", "effect", "paper", "tune", "fixed", "note",
-              "margin", "regime", "paper_marks", "also"}
+              "margin", "regime", "paper_marks", "also", "a_metric", "b_metric"}
 # overfitting: testable only where the unregularised side a over-fits; normalising: only where LRN's factor varies
 REGIMES = ("learning", "overfitting", "normalising")
 # lines the report shows under a claim (`also = [...]` in its table), each for the claims it can follow
@@ -55,6 +55,14 @@ class Claim:
     margin: float | None = None  # an equivalence claim: |a - b| < margin, in the claim's units (points)
     regime: str = "learning"  # "overfitting": only where side a over-fits; "normalising": only where LRN acts
     also: tuple[str, ...] = ()  # secondary lines the report shows under this claim (keys of ALSO)
+    # a side read on another metric of its runs (default: metric), e.g. the plain view of a 10-crop run: a = b
+    # then compares two readings of the same nets, paired by seed
+    a_metric: str | None = None
+    b_metric: str | None = None
+
+    def metric_of(self, side: str) -> str:
+        """The metric side "a" or "b" is read on."""
+        return {"a": self.a_metric, "b": self.b_metric}[side] or self.metric
 
     @property
     def reference(self) -> float:
@@ -76,7 +84,7 @@ def claim_from_table(c: dict[str, Any]) -> Claim:
     return Claim(id=c["id"], paper_claim=c.get("paper_claim") or c["id"], title=c.get("title") or c["id"],
                  metric=c["metric"], axis=c["axis"], a=c["a"], b=c["b"], effect=c["effect"], paper=c.get("paper"),
                  tune=c.get("tune"), fixed=tuple(sorted((c.get("fixed") or {}).items())), margin=c.get("margin"),
-                 regime=c.get("regime") or "learning",
+                 regime=c.get("regime") or "learning", a_metric=c.get("a_metric"), b_metric=c.get("b_metric"),
                  also=tuple(c["also"]) if "also" in c else default_also(c["metric"], c["effect"], c["axis"]))
 
 
@@ -95,6 +103,13 @@ def check_claim(claim: Any, i: int, where: str, axis_values: dict[str, list]) ->
         if claim[side] not in axis_values[claim["axis"]]:
             raise UserError(f"{at}: {side} = {claim[side]!r} is not a value of axis {claim['axis']!r} "
                             f"({axis_values[claim['axis']]!r})")
+    for key in ("a_metric", "b_metric"):
+        if key in claim and (not isinstance(claim[key], str) or claim[key] not in ERROR_METRICS):
+            raise UserError(f"{at}: {key} must be an error metric ({', '.join(sorted(ERROR_METRICS))}), "
+                            f"got {claim[key]!r}")
+    if claim["a"] == claim["b"] and claim.get("a_metric", claim["metric"]) == claim.get("b_metric", claim["metric"]):
+        raise UserError(f"{at}: a and b are both {claim['a']!r} on the same metric, so the claim compares runs with "
+                        f"themselves; name different values, or read one side on another metric (a_metric)")
     if claim["effect"] not in ("ratio", "difference"):
         raise UserError(f"{at}: effect must be 'ratio' or 'difference', got {claim['effect']!r}")
     marks = claim.get("paper_marks", {})

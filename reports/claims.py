@@ -20,7 +20,8 @@ from ablations.claims import Claim, claim_from_table
 from ablations.tune import pick, position
 from reports.load import GridResults, canon
 from reports.stats import Interval, clip, compare
-from reports.verdicts import NETS_AT_CHANCE, NO_DATA, decide, fmt, metric_range, power, regime_check, side_name
+from reports.verdicts import (NETS_AT_CHANCE, NO_DATA, decide, fmt, metric_range, power, regime_check,
+                              side_label)
 
 TIE_BREAK = "train_error"  # among tune values with equal mean metric (e.g. all censored), the one that got closer
 
@@ -79,16 +80,16 @@ class ClaimResult:
             text += f" [{fmt(iv.lo, c, unit=False)}, {fmt(iv.hi, c, unit=False)}]"
         else:
             text += " (single seed: no interval)"
-        censored = [self._censored_text(n, used, value)
-                    for n, used, value in ((self.censored_a, self.runs_a, c.a), (self.censored_b, self.runs_b, c.b))
+        censored = [self._censored_text(n, used, side)
+                    for n, used, side in ((self.censored_a, self.runs_a, "a"), (self.censored_b, self.runs_b, "b"))
                     if n]
         if censored:
             text += f" ({'; '.join(censored)})"
         return text
 
-    def _censored_text(self, n: int, used: tuple[str, ...], value: Any) -> str:
+    def _censored_text(self, n: int, used: tuple[str, ...], side: str) -> str:
         at = "their training time" if self.claim.metric.startswith("seconds") else f"{self.cap:g} epochs"
-        return f"{n} of {len(used)} {side_name(self.claim, value)} runs censored at {at}"
+        return f"{n} of {len(used)} {side_label(self.claim, side)} runs censored at {at}"
 
     def paper_text(self) -> str:
         if self.claim.margin is not None:
@@ -99,7 +100,8 @@ class ClaimResult:
         """One line of verdicts.csv."""
         c, iv = self.claim, self.interval
         return {"grid": self.grid, "claim": c.id, "paper_claim": c.paper_claim, "title": c.title,
-                "split": self.split_label, "secondary": c.secondary, "metric": c.metric, "axis": c.axis,
+                "split": self.split_label, "secondary": c.secondary, "metric": c.metric,
+                "metric_a": c.metric_of("a"), "metric_b": c.metric_of("b"), "axis": c.axis,
                 "a": canon(c.a), "b": canon(c.b), "effect": c.effect, "unit": c.unit.strip(),
                 "paper": c.paper, "margin": c.margin, "estimate": iv.estimate * (100 if c.unit == "%" else 1),
                 "lo": iv.lo * (100 if c.unit == "%" else 1), "hi": iv.hi * (100 if c.unit == "%" else 1),
@@ -248,14 +250,13 @@ def _evaluate_row(grid: GridResults, claim: Claim, rows: pd.DataFrame,
                   split: tuple[tuple[str, str], ...]) -> ClaimResult:
     sides, tuned, notes, how = {}, {}, [], {}
     for name, value in (("a", claim.a), ("b", claim.b)):
-        side = rows[rows[claim.axis] == canon(value)]
-        side = side[side[claim.metric].notna()] if claim.metric in side else side.iloc[:0]
+        side, metric = rows[rows[claim.axis] == canon(value)], claim.metric_of(name)
+        side = side[side[metric].notna()] if metric in side else side.iloc[:0]
         if claim.tune and claim.tune in side and len(side):
             side, tuned[name], how[name] = _tuned_side(grid, claim, side)
         sides[name] = side
-    selection = "; ".join(f"{side_name(claim, v)}: {claim.tune} {how[n]}" for n, v in (("a", claim.a),
-                                                                                      ("b", claim.b)) if n in how)
-    missing = [side_name(claim, v) for n, v in (("a", claim.a), ("b", claim.b)) if not len(sides[n])]
+    selection = "; ".join(f"{side_label(claim, n)}: {claim.tune} {how[n]}" for n in ("a", "b") if n in how)
+    missing = [side_label(claim, n) for n in ("a", "b") if not len(sides[n])]
     if missing:
         why = f"no finished runs with {claim.metric} for {' and '.join(missing)}"
         if "pending" in selection:
@@ -264,7 +265,7 @@ def _evaluate_row(grid: GridResults, claim: Claim, rows: pd.DataFrame,
             why += " (confirmation runs not made yet: rerun the grid)"
         return dataclasses.replace(_empty(grid, claim, split, why), selection=selection, reason=why)
 
-    per_seed = {n: s.groupby("seed")[claim.metric].mean() * claim.scale for n, s in sides.items()}
+    per_seed = {n: s.groupby("seed")[claim.metric_of(n)].mean() * claim.scale for n, s in sides.items()}
     if any(s.seed.duplicated().any() for s in sides.values()):
         notes.append("more than one run per seed on a side (settings outside the axes differ): averaged")
     common = sorted(set(per_seed["a"].index) & set(per_seed["b"].index))
@@ -286,14 +287,14 @@ def _evaluate_row(grid: GridResults, claim: Claim, rows: pd.DataFrame,
     iv = clip(iv, low, high)
     if claim.per != 1:
         iv = dataclasses.replace(iv, estimate=iv.estimate / claim.per, lo=iv.lo / claim.per, hi=iv.hi / claim.per)
-    flag = f"{claim.metric}_censored"
-    cens = {n: int(u[flag].sum()) if flag in u else 0 for n, u in used.items()}
+    flags = {n: f"{claim.metric_of(n)}_censored" for n in used}
+    cens = {n: int(u[flags[n]].sum()) if flags[n] in u else 0 for n, u in used.items()}
     bound = {(True, False): "lower", (False, True): "upper", (True, True): "mixed"}.get(
         (cens["a"] > 0, cens["b"] > 0), "")
     diverged = sum(int((u.status == "diverged").sum()) for u in used.values())
     if diverged:
         notes.append(f"{diverged} diverged run(s) included" + (" (never reached the target: censored)"
-                                                              if flag in rows else ""))
+                                                              if flags["a"] in rows else ""))
     if paired and iv.has_interval and not bound:
         notes.append(iv.method)
     cap = float(pd.concat([used["a"], used["b"]])["epochs"].max()) if "epochs" in rows else math.nan

@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D
 from ablations.choices import FINISHED
 from reports.claims import ClaimResult
 from reports.verdicts import (INCONCLUSIVE, LARGER, MEASURED, NO_EFFECT, NOT_EQUIVALENT, NOT_REPRODUCED, NOT_TESTABLE,
-                              OPPOSITE, REPRODUCED, SMALLER, side_name)
+                              OPPOSITE, REPRODUCED, SMALLER, side_label, side_name)
 from reports.load import GridResults, canon, cell_label, display_axes
 from reports.output import write_atomic
 from reports.stats import clip, compare, mean_ci
@@ -356,7 +356,7 @@ def _row_label(r: ClaimResult) -> str:
     op = " / " if c.effect == "ratio" else " - "
     per = f" / {c.per:g}" if c.per != 1 else ""
     return (_wrap(r.label + (" (secondary)" if c.secondary else ""), 48)
-            + f"\n{side_name(c, c.a)}{op}{side_name(c, c.b)}{per}, {c.metric}")
+            + f"\n{side_label(c, 'a')}{op}{side_label(c, 'b')}{per}, {c.metric}")
 
 
 def _log_ratio_axis(ax) -> None:

@@ -24,9 +24,9 @@ from ablations.grid import load_grid as load_grid_file
 RUN_KEYS = ["run_id", "status", "seed"]
 EPOCH_KEYS = ["run_id", "epoch", "train_error", "test_error"]
 METRICS = ["train_loss", "train_error", "clean_train_error", "val_error", "test_loss", "test_error",
-           "test_error_top5", "test_error_at_best_val", "gap", "epochs_run", "epochs_to_target", "seconds_to_target",
-           "epochs_to_loss", "train_seconds", "wall_seconds", "images_per_second", "lrn_factor_p05", "lrn_factor_p95",
-           "lrn_factor_spread"]
+           "test_error_top5", "test_error_at_best_val", "test_error_1view", "gap", "epochs_run", "epochs_to_target",
+           "seconds_to_target", "epochs_to_loss", "train_seconds", "wall_seconds", "images_per_second",
+           "lrn_factor_p05", "lrn_factor_p95", "lrn_factor_spread"]
 CHANCE_LOSS = 0.98  # runners/train.py's rule, for runs recorded before `learned` was: loss >= 0.98 ln(classes)
 # a metric that is empty when a run never got there: counted at what the run spent (censored), never dropped
 CENSORABLE = ("epochs_to_target", "seconds_to_target", "epochs_to_loss")

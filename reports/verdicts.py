@@ -51,6 +51,14 @@ def side_name(claim: Claim, value: Any) -> str:
     return text if isinstance(value, str) and text == value else f"{claim.axis}={text}"
 
 
+def side_label(claim: Claim, side: str) -> str:
+    """Side "a" or "b" of a claim in words: its value, and the metric it is read on where that is not the claim's
+    (the two sides of a 10-crop claim are one level, read on the plain view and on ten views)."""
+    value, metric = (claim.a if side == "a" else claim.b), claim.metric_of(side)
+    name = side_name(claim, value)
+    return name if metric == claim.metric and claim.a != claim.b else f"{name} ({metric})"
+
+
 def metric_range(claim: Claim) -> tuple[float, float]:
     """Where the claim's effect can lie: error differences in [-100, 100] points, ratios in (0, inf)."""
     if claim.effect == "difference" and claim.metric in ERROR_METRICS:
@@ -114,7 +122,7 @@ def regime_check(claim: Claim, used: dict[str, pd.DataFrame], cens: dict[str, in
     words = f"unregularised gap {gap:.1f} points (needs >= {OVERFIT_POINTS:g}); {int(converged.sum())} of " \
             f"{len(both)} runs converged"
     if gap < OVERFIT_POINTS:
-        return f"not reached: {words}", (f"{side_name(claim, claim.a)} does not over-fit here (test error "
+        return f"not reached: {words}", (f"{side_label(claim, 'a')} does not over-fit here (test error "
                                          f"{gap:.1f} points above its clean training error, fewer than "
                                          f"{OVERFIT_POINTS:g}): a regulariser has nothing to cure")
     if not converged.all():
@@ -153,7 +161,7 @@ def _bound_verdict(iv: Interval, claim: Claim, bound: str, used: dict, cap: floa
     """A censored run gives a bound, not a value: the effect is at least (or at most) the estimate counted at
     the cap. It decides only when even the bound lies beyond the paper's number; otherwise it says what is not
     excluded."""
-    a, b = side_name(claim, claim.a), side_name(claim, claim.b)
+    a, b = side_label(claim, 'a'), side_label(claim, 'b')
     at = "their training time" if claim.metric.startswith("seconds") else f"the {cap:g}-epoch cap"
     who = "; ".join(f"{n} of {len(used[k])} {side} runs never reached the target by {at}"
                     for k, side, n in (("a", a, cens["a"]), ("b", b, cens["b"])) if n)
@@ -230,7 +238,7 @@ def verdict(iv: Interval, claim: Claim) -> str:
         return INCONCLUSIVE
     ref = claim.reference
     if claim.paper is None or claim.paper == ref:
-        a, b = side_name(claim, claim.a), side_name(claim, claim.b)
+        a, b = side_label(claim, 'a'), side_label(claim, 'b')
         a_b = f"{a} - {b}" if claim.effect == "difference" else f"{a} / {b}"
         a_b += f" / {claim.per:g}" if claim.per != 1 else ""
         if iv.lo > ref:

@@ -85,6 +85,21 @@ def test_a_budget_gives_each_row_of_a_zip_its_own_setting(tmp_path):
                                                           if s.model.dropout == 0.5}
 
 
+def test_a_claim_reads_a_side_on_another_metric_only_where_it_says_which():
+    from ablations.claims import check_claim
+    axes = {"level": ["a", "b"]}
+    base = {"id": "c", "metric": "test_error", "axis": "level", "a": "a", "b": "a", "effect": "difference"}
+    assert check_claim({**base, "a_metric": "test_error_1view"}, 0, "g.toml", axes)["a_metric"] == "test_error_1view"
+    with pytest.raises(UserError, match="compares runs with themselves"):
+        check_claim(base, 0, "g.toml", axes)
+    with pytest.raises(UserError, match="compares runs with themselves"):
+        check_claim({**base, "a_metric": "test_error"}, 0, "g.toml", axes)
+    with pytest.raises(UserError, match="b_metric must be an error metric"):
+        check_claim({**base, "b": "b", "b_metric": "test_eror"}, 0, "g.toml", axes)
+    tencrop = next(c for c in load_grid("augmentation").claims if c["id"] == "augment-10crop")
+    assert tencrop["a"] == tencrop["b"] and tencrop["a_metric"] == "test_error_1view"
+
+
 def test_a_claim_declares_its_secondary_lines_or_gets_every_one_that_fits():
     from ablations.claims import claim_from_table
     relu = next(c for c in load_grid("relu_vs_tanh").claims if c["id"] == "relu-6x")

@@ -32,7 +32,7 @@ def write_grid(root: Path, name: str, runs: list[dict], claims: list[dict], *, e
     metric_keys = {"seed", "epochs_to_target", "test_error", "train_error", "images_per_second", "status",
                    "val_fingerprint",
                    "epochs_to_loss", "test_error_top5", "learned", "clean_train_error", "converged", "train_loss",
-                   "lrn_factor_spread"}
+                   "lrn_factor_spread", "test_error_1view"}
     axes = list(dict.fromkeys(k for r in runs for k in r if k not in metric_keys))
     label = "CIFAR-10 (synthetic test copy)" if dataset == "cifar10" else "CIFAR-100 (synthetic)"
     meta = {"name": name, "title": f"{name} grid", "description": "synthetic", "model": "alexnet",
@@ -62,7 +62,8 @@ def write_grid(root: Path, name: str, runs: list[dict], claims: list[dict], *, e
         reached = bool(target and reach)
         rows.append({"run_id": run_id, "grid": name, "status": r.get("status", "finished"),
                      "stop_reason": "early_stop" if reached else "epochs", **{a: r[a] for a in axes},
-                     **{k: r[k] for k in ("learned", "clean_train_error", "converged", "lrn_factor_spread") if k in r},
+                     **{k: r[k] for k in ("learned", "clean_train_error", "converged", "lrn_factor_spread",
+                                          "test_error_1view") if k in r},
                      "seed": r["seed"], "epochs": epochs, "epochs_run": n_ep,
                      "train_loss": r.get("train_loss", 2.3 * final_train),
                      "train_error": final_train, "test_loss": 2.3 * test_final, "test_error": test_final,
@@ -250,6 +251,31 @@ def test_censored_runs_count_at_the_cap_and_make_a_lower_bound(tmp_path):
     assert "[" not in r.ours_text()  # a bound, never an interval
     assert r.verdict == NOT_TESTABLE  # a bound below 6x cannot exclude 6x
     assert "tanh took at least 3.22x as long as relu; the paper's 6.00x is not excluded" in r.reason
+
+
+def test_a_side_can_be_read_on_another_metric_of_the_same_runs(tmp_path):
+    """The 10-crop claim compares two readings of one net (a = b, a_metric the plain view), paired by seed; the
+    PCA claim reads the 10-crop runs on their plain view against crop_flip's."""
+    runs = []
+    for seed, (crop, one, ten) in enumerate([(0.300, 0.290, 0.280), (0.310, 0.295, 0.270), (0.305, 0.300, 0.285)]):
+        runs.append({"level": "crop_flip", "seed": seed, "test_error": crop})
+        runs.append({"level": "pca_10crop", "seed": seed, "test_error": ten, "test_error_1view": one})
+    claims = [{"id": "tencrop", "metric": "test_error", "axis": "level", "a": "pca_10crop", "b": "pca_10crop",
+               "a_metric": "test_error_1view", "effect": "difference", "paper": 1.5},
+              {"id": "pca", "metric": "test_error", "axis": "level", "a": "crop_flip", "b": "pca_10crop",
+               "b_metric": "test_error_1view", "effect": "difference", "paper": 1.0}]
+    write_grid(tmp_path, "aug", runs, claims, target=None)
+    results = evaluate(load_grid(tmp_path, "aug"))
+    (ten,), (pca,) = only(results, "tencrop"), only(results, "pca")
+    assert ten.paired and ten.runs_a == ten.runs_b and ten.interval.n == 3
+    assert ten.interval.estimate == pytest.approx(100 * np.mean([0.010, 0.025, 0.015]))
+    assert pca.paired and pca.interval.estimate == pytest.approx(100 * np.mean([0.010, 0.015, 0.005]))
+    row = ten.row()
+    assert (row["metric_a"], row["metric_b"]) == ("test_error_1view", "test_error")
+    assert pca.row()["metric_a"] == "test_error" and pca.row()["metric_b"] == "test_error_1view"
+    from reports.verdicts import side_label
+    assert side_label(ten.claim, "a") == "pca_10crop (test_error_1view)"
+    assert side_label(ten.claim, "b") == "pca_10crop (test_error)" and side_label(pca.claim, "a") == "crop_flip"
 
 
 def test_one_seed_gives_no_interval_and_says_so(tmp_path):
