@@ -38,8 +38,11 @@ from runners.progress import table_console
               help="With --against: only this case (repeatable; default: all, see `ablate bench --list-cases`).")
 @click.option("--list-cases", is_flag=True, help="Print the --against gate's cases and exit.")
 @click.option("--pairs", type=click.IntRange(min=6), default=16, show_default=True,
-              help="With --against: head/base pairs of processes per check; fixed in advance (the interval "
+              help="With --against: head/base pairs of processes per case at the first look (the interval "
                    "narrows with the square root of the pairs, the check's time grows with them).")
+@click.option("--recheck-pairs", type=click.IntRange(min=0), default=16, show_default=True,
+              help="With --against: pairs more at the second look, of only the cases the first left undecided "
+                   "(0: one look).")
 @click.option("--inject-slowdown", type=click.FloatRange(0, 1), default=0.0, metavar="FRACTION",
               help="With --against: make this tree's measurements slower by FRACTION (a busy-wait after each "
                    "timed call), to show what the gate catches.")
@@ -52,7 +55,7 @@ from runners.progress import table_console
 def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, quick: bool, compile_: bool | None,
               threads: int | None, out: str, data_dir: str | None, baseline: str | None, rev: str | None,
               tolerance: float | None, cases: tuple[str, ...], list_cases: bool, pairs: int,
-              inject_slowdown: float,
+              recheck_pairs: int, inject_slowdown: float,
               update_baseline: bool, saved: str | None, as_json: bool) -> None:
     """Training throughput of the seed chapter's reference and the suite side by side, the data pipeline, the
     run loop's overhead and the machine's GEMM ceilings, measured interleaved in one process; or, with
@@ -74,7 +77,7 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
         click.echo(f"the first {len(default)} are timed by default here" + (f": {why}" if why else ""), err=True)
         return
     if rev:
-        _bench_against(rev, tolerance, cases, pairs, inject_slowdown, as_json, console)
+        _bench_against(rev, tolerance, cases, pairs, recheck_pairs, inject_slowdown, as_json, console)
         return
     if update_baseline:
         path = Path(out) / bench.default_baseline("cpu").name
@@ -116,7 +119,8 @@ def bench_cmd(model: str, batch_size: int, device: str, repeats: int | None, qui
     click.echo(f"results written to {path} (and {latest.name})")
 
 
-def _bench_against(rev: str, tolerance: float | None, cases: tuple[str, ...], pairs: int, inject: float,
+def _bench_against(rev: str, tolerance: float | None, cases: tuple[str, ...], pairs: int, recheck_pairs: int,
+                   inject: float,
                    as_json: bool, console) -> None:
     import dataclasses
 
@@ -126,7 +130,8 @@ def _bench_against(rev: str, tolerance: float | None, cases: tuple[str, ...], pa
     if why and not cases:
         click.echo(why, err=True)
     cfg = paired.PairedConfig(rev=rev, tolerance=paired.TOLERANCE if tolerance is None else tolerance,
-                              cases=tuple(cases) or default, pairs=pairs, stall=inject)
+                              cases=tuple(cases) or default, pairs=pairs, recheck_pairs=recheck_pairs,
+                              stall=inject)
     result = paired.against(cfg, say=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     if as_json:
         click.echo(json.dumps({**dataclasses.asdict(result), "verdict": result.verdict}, indent=2))

@@ -14,7 +14,10 @@ the odd disturbed process, no normality assumed):
   the smallest the gate promises to catch) is excluded with confidence;
 - undecided: neither: the machine was too noisy to tell ("undecided, re-run"), never reported as a pass.
 
-The number of pairs is fixed in advance; stopping as soon as the interval clears would inflate the false alarms.
+Two looks, both planned: `pairs` pairs of every case, then `recheck_pairs` more of only the cases still undecided,
+decided on all their pairs. Each look reads its interval at CONFIDENCE (94%, so each one-sided decision at 97%: by
+Bonferroni the two looks together err at most 6% per side, and by simulation about 4.5% at the boundary, Pocock's
+rule for two equal looks). Looking after every pair instead would inflate the false alarms without bound.
 
 A fresh process per measurement also samples what a single process fixes once (memory layout, thread placement).
 """
@@ -39,7 +42,7 @@ from runners.bench import worker
 CASES = worker.default_cases(native_bf16=True)
 WORKER = Path(worker.__file__).resolve()
 LAUNCH = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-CONFIDENCE = 0.90  # two-sided: each one-sided decision (slower / ok) is made at 95 %
+CONFIDENCE = 0.94  # two-sided, at each of the two looks: each one-sided decision (slower / ok) at 97 %
 TOLERANCE = 0.05
 EXIT_SLOWER, EXIT_UNDECIDED = 3, 5
 
@@ -49,7 +52,8 @@ class PairedConfig:
     rev: str = "HEAD~1"
     tolerance: float = TOLERANCE  # a case may be this much slower (time ratio 1 + tolerance) and pass
     cases: tuple[str, ...] = CASES
-    pairs: int = 16  # fixed in advance: deciding after every pair would inflate the false alarms
+    pairs: int = 16  # the first look, over every case
+    recheck_pairs: int = 16  # the second look, over the cases the first left undecided (0: one look only)
     concurrent: bool | None = None  # head and base side by side (None: when the machine has 2 x threads cores)
     call_seconds: float = 0.06  # work per timed call, sized once by a calibration process
     calls: int = 3  # timed calls per case per process, which reads their median: mostly the spread between
@@ -79,6 +83,7 @@ class PairedResult:
     seconds: float = 0.0
     stall: float = 0.0
     pairing: str = ""  # side by side | one after the other
+    rechecked: tuple[str, ...] = ()  # the cases the first look left undecided, measured again
 
     @property
     def verdict(self) -> str:
@@ -282,7 +287,8 @@ def units_for(unit_seconds: dict[str, float], call_seconds: float) -> dict[str, 
 
 def compare_trees(cfg: PairedConfig, head: Path, base: Path, say: Callable[[str], None] = print,
                   rev: str = "", base_commit: str = "") -> PairedResult:
-    """cfg.pairs pairs of head and base workers in ABBA order, then one verdict per case."""
+    """cfg.pairs pairs of head and base workers in ABBA order over every case, then cfg.recheck_pairs more over the
+    cases still undecided; one verdict per case."""
     start = time.perf_counter()
     trees = {"head": head, "base": base}
     concurrent = cfg.concurrent if cfg.concurrent is not None else (os.cpu_count() or 1) >= 2 * cfg.threads
@@ -297,17 +303,31 @@ def compare_trees(cfg: PairedConfig, head: Path, base: Path, say: Callable[[str]
         calib = run_worker(head, {"cases": cases, "units": {}, "calls": 1, "threads": cfg.threads, "stall": 0})
     units = units_for(calib["unit_seconds"], cfg.call_seconds)
     ratios: dict[str, list[float]] = {c: [] for c in cases}
-    jobs = {side: {"cases": cases, "units": units, "calls": cfg.calls, "threads": cfg.threads,
-                   "stall": cfg.stall if side == "head" else 0.0} for side in trees}
-    for i in range(cfg.pairs):
+    measure_pairs(cfg, trees, cases, units, concurrent, ratios, cfg.pairs, lambda i: say(f"pair {i}/{cfg.pairs}"))
+    results = {c: case_result(c, ratios[c], cfg.tolerance) for c in cases}
+    again = [c for c in cases if results[c].verdict == "undecided"] if cfg.recheck_pairs else []
+    if again:
+        say(f"undecided: {', '.join(again)}; measuring those {cfg.recheck_pairs} pairs more")
+        measure_pairs(cfg, trees, again, units, concurrent, ratios, cfg.recheck_pairs,
+                      lambda i: say(f"recheck pair {i}/{cfg.recheck_pairs}"))
+        results.update({c: case_result(c, ratios[c], cfg.tolerance) for c in again})
+    return PairedResult(rev, base_commit, cfg.tolerance, tuple(results[c] for c in cases), skipped,
+                        time.perf_counter() - start, cfg.stall,
+                        "side by side" if concurrent else "one after the other", tuple(again))
+
+
+def measure_pairs(cfg: PairedConfig, trees: dict[str, Path], cases: list[str], units: dict[str, int],
+                  concurrent: bool, ratios: dict[str, list[float]], n: int, progress: Callable[[int], None]) -> None:
+    """n pairs of head and base workers over `cases` in ABBA order; each pair's head/base time ratio per case is
+    appended to ratios[case]."""
+    jobs = {side: {"cases": cases, "units": {c: units[c] for c in cases}, "calls": cfg.calls,
+                   "threads": cfg.threads, "stall": cfg.stall if side == "head" else 0.0} for side in trees}
+    for i in range(n):
         order = ("head", "base") if i % 2 == 0 else ("base", "head")
         read = {side: out["seconds"] for side, out in run_pair(trees, jobs, order, concurrent).items()}
         for c in cases:
             ratios[c].append(statistics.median(read["head"][c]) / statistics.median(read["base"][c]))
-        say(f"pair {i + 1}/{cfg.pairs}")
-    results = [case_result(c, ratios[c], cfg.tolerance) for c in cases]
-    return PairedResult(rev, base_commit, cfg.tolerance, tuple(results), skipped, time.perf_counter() - start,
-                        cfg.stall, "side by side" if concurrent else "one after the other")
+        progress(i + 1)
 
 
 def against(cfg: PairedConfig, say: Callable[[str], None] = print) -> PairedResult:
@@ -340,7 +360,7 @@ def machine_cases() -> tuple[tuple[str, ...], str]:
 
 
 def result_lines(r: PairedResult) -> list[str]:
-    lines = [f"{'case':<34} {'head/base time':>14}  {'90% interval':>17}  pairs  verdict"]
+    lines = [f"{'case':<34} {'head/base time':>14}  {format(CONFIDENCE, '.0%') + ' interval':>17}  pairs  verdict"]
     for c in r.cases:
         lines.append(f"{c.case:<34} {c.median:14.3f}  [{c.lo:6.3f}, {c.hi:6.3f}]  {len(c.ratios):5d}  {c.verdict}")
     lines += [f"{case:<34} not compared: {why}" for case, why in r.skipped.items()]
@@ -348,6 +368,7 @@ def result_lines(r: PairedResult) -> list[str]:
                "slower": "REGRESSION: a case is slower than the tolerance, with confidence",
                "undecided": "undecided, re-run: the machine was too noisy to tell for some case"}[r.verdict]
     lines.append(f"gate against {r.rev} ({r.base_commit[:12]}): {reading} (tolerance +{r.tolerance:.0%} time; "
-                 f"{len(r.cases[0].ratios) if r.cases else 0} pairs {r.pairing}, {r.seconds:.0f} s"
+                 f"{min((len(c.ratios) for c in r.cases), default=0)} pairs {r.pairing}"
+                 f"{f', {len(r.rechecked)} undecided case(s) rechecked' if r.rechecked else ''}, {r.seconds:.0f} s"
                  f"{'; injected slowdown ' + format(r.stall, '.0%') if r.stall else ''})")
     return lines

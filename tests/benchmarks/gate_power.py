@@ -26,7 +26,8 @@ from runners.devices import device_name, pick_device
 
 def trial_rows(trial: int, kind: str, r: paired.PairedResult) -> list[dict]:
     return [{"trial": trial, "tree": kind, "stall": r.stall, "gate": r.verdict, "seconds": r.seconds,
-             "pairing": r.pairing, "case": c.case, "ratio": c.median, "lo": c.lo, "hi": c.hi, "verdict": c.verdict,
+             "pairing": r.pairing, "rechecked": c.case in r.rechecked, "case": c.case, "ratio": c.median,
+             "lo": c.lo, "hi": c.hi, "verdict": c.verdict,
              "pair_ratios": " ".join(f"{x:.4f}" for x in c.ratios)}  # in pair order: where the noise came from
             for c in r.cases]
 
@@ -45,6 +46,9 @@ def summary(rows: pd.DataFrame, slowdown: float, tolerance: float) -> dict:
         "command": f"python -m tests.benchmarks.gate_power --trials {len(same)} --slowdown {slowdown}",
         "device_name": device_name(pick_device("cpu")), "date": datetime.now().isoformat(timespec="seconds"),
         "tolerance": tolerance, "slowdown": slowdown, "pairs": paired.PairedConfig().pairs,
+        "recheck pairs": paired.PairedConfig().recheck_pairs, "confidence per look": paired.CONFIDENCE,
+        "checks with a recheck": int(rows.groupby(["trial", "tree"]).rechecked.any().sum())
+        if "rechecked" in rows else 0,
         "caught": f"{(slowed.gate == 'slower').sum()} of {len(slowed)}",
         "passed unchanged": f"{(same.gate == 'ok').sum()} of {len(same)}",
         "false alarms": f"{(same.gate == 'slower').sum()} of {len(same)}",

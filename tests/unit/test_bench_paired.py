@@ -1,5 +1,6 @@
 """The paired regression gate (`ablate bench --against REV`): its statistics against their formulas, its decisions
 on simulated timings, and one real run against HEAD in a git worktree."""
+import dataclasses
 import math
 import random
 import subprocess
@@ -76,9 +77,54 @@ def test_compare_trees_on_simulated_timings(tmp_path, monkeypatch, slowdown, noi
     cfg = paired.PairedConfig(cases=("train convnet4 bf16", "pipeline none"), concurrent=False, calls=2)
     r = paired.compare_trees(cfg, tmp_path / "head", tmp_path / "base", say=lambda _: None)
     assert r.verdict == expected and r.exit_code == exit_code
-    assert {len(c.ratios) for c in r.cases} == {cfg.pairs}, "the number of pairs is fixed in advance"
+    planned = {cfg.pairs} if expected != "undecided" else {cfg.pairs + cfg.recheck_pairs}
+    assert {len(c.ratios) for c in r.cases} == planned, "two looks, each of a number of pairs fixed in advance"
     words = {"ok": "ok:", "slower": "REGRESSION", "undecided": "undecided, re-run"}
     assert words[expected] in paired.result_lines(r)[-1]
+
+
+def test_the_second_look_measures_only_the_cases_the_first_left_undecided(tmp_path, monkeypatch):
+    """A case steady in every process decides at the first look; a case whose head time swings +12% / -8% in the
+    first 16 pairs and settles afterwards is measured again alone, and decided on all 32 of its pairs."""
+    calls: list[list[str]] = []
+
+    def run(tree, job):
+        if not job["units"]:
+            return {"unit_seconds": {c: 1e-3 for c in job["cases"]}}
+        calls.append(list(job["cases"]))
+        pair = (len(calls) - 1) // 2
+        swing = (1.12 if pair % 2 else 0.92) if pair < 16 and tree.name == "head" else 1.0
+        return {"seconds": {c: [1e-3 * (swing if c == "shaky" else 1.0)] * job["calls"] for c in job["cases"]}}
+
+    monkeypatch.setattr(paired, "run_worker", run)
+    cfg = paired.PairedConfig(cases=("steady", "shaky"), concurrent=False, calls=1)
+    r = paired.compare_trees(cfg, tmp_path / "head", tmp_path / "base", say=lambda _: None)
+    assert r.rechecked == ("shaky",) and r.verdict == "ok"
+    assert [len(c.ratios) for c in r.cases] == [16, 32]
+    assert calls[32:] == [["shaky"]] * 32 and all(c == ["steady", "shaky"] for c in calls[:32])
+    assert "1 undecided case(s) rechecked" in paired.result_lines(r)[-1]
+    one_look = paired.compare_trees(dataclasses.replace(cfg, recheck_pairs=0), tmp_path / "head",
+                                    tmp_path / "base", say=lambda _: None)
+    assert one_look.rechecked == () and {len(c.ratios) for c in one_look.cases} == {16}
+
+
+def test_two_looks_keep_each_decision_near_its_nominal_error_by_simulation():
+    """At the boundary of each promise (an unchanged tree never 'slower' beyond a 1.05 ratio; a 10% slowdown never
+    'ok'), the two looks together err about as often as one look at 95% one-sided: Pocock's rule."""
+    rng = random.Random(11)
+
+    def gate(true: float, sigma: float = 0.08) -> str:
+        xs = [math.log(true) + rng.gauss(0, sigma) for _ in range(16)]
+        first = paired.case_result("c", [math.exp(x) for x in xs], paired.TOLERANCE).verdict
+        if first != "undecided":
+            return first
+        xs += [math.log(true) + rng.gauss(0, sigma) for _ in range(16)]
+        return paired.case_result("c", [math.exp(x) for x in xs], paired.TOLERANCE).verdict
+
+    trials = 1500
+    passed_slow = sum(gate(1.10) == "ok" for _ in range(trials)) / trials
+    failed_edge = sum(gate(1.05) == "slower" for _ in range(trials)) / trials
+    assert passed_slow < 0.06 and failed_edge < 0.06
 
 
 # A stand-in for worker.py's lockstep protocol: before each of three timed calls it leaves a mark, says ready and
@@ -162,7 +208,7 @@ def test_against_head_runs_both_trees_in_fresh_processes_and_removes_its_worktre
     """One real pair of the cheapest case: the worktree is made and removed, both workers import their own tree."""
     before = subprocess.run(["git", "-C", str(paired.head_tree()), "worktree", "list"], capture_output=True,
                             text=True).stdout
-    cfg = paired.PairedConfig(rev="HEAD", cases=("pipeline none",), pairs=1, concurrent=True)
+    cfg = paired.PairedConfig(rev="HEAD", cases=("pipeline none",), pairs=1, recheck_pairs=0, concurrent=True)
     seen = []
     real = paired.finish_worker
 
