@@ -313,14 +313,33 @@ def coverage(grid: GridResults) -> list[str]:
         if have < len(expected):
             short.append((cell_label(cell.iloc[0], axes), have))
     n_cells = len(runs.groupby(axes)) if axes else 1
+    pending, defined = pending_runs(grid)
+    if pending:  # whole cells the grid file defines may have no run yet: the cells above cannot show them
+        notes.append(f"{pending} of the {defined} runs the grid file defines are not done yet (`ablate run --grid "
+                     f"{grid.name} --budget {grid.meta.get('budget') or 'gpu'}` trains them)")
     if not short:
-        notes.append(f"complete: {n_cells} cell(s) x {len(expected)} seed(s)")
+        notes += [] if pending else [f"complete: {n_cells} cell(s) x {len(expected)} seed(s)"]
     elif len({h for _, h in short}) == 1 and len(short) == n_cells:
         notes.append(f"{short[0][1]} of {len(expected)} seeds")
     else:
         shown = "; ".join(f"{label or 'all'}: {h} of {len(expected)} seeds" for label, h in short[:8])
         notes.append(shown + (f"; and {len(short) - 8} more cells" if len(short) > 8 else ""))
     return notes + _run_problems(grid, runs, axes)
+
+
+def pending_runs(grid: GridResults) -> tuple[int, int]:
+    """(runs the grid file defines at the recorded budget and overrides that have not finished, runs it defines);
+    (0, 0) when no finished run is one of them (results from elsewhere, or of an earlier definition)."""
+    seeds = defined_seeds(grid)
+    if seeds is None:
+        return 0, 0
+    try:
+        ids = defined_run_ids(load_grid_file(grid.name), grid.meta.get("budget") or "gpu",
+                              grid.meta.get("overrides") or {}, seeds)
+    except UserError:
+        return 0, 0
+    done = set(grid.runs[grid.runs.status.isin(FINISHED)].run_id.astype(str)) & ids
+    return (len(ids - done), len(ids)) if done else (0, 0)
 
 
 def defined_seeds(grid: GridResults) -> list[int] | None:

@@ -278,6 +278,24 @@ def test_a_side_can_be_read_on_another_metric_of_the_same_runs(tmp_path):
     assert side_label(ten.claim, "b") == "pca_10crop (test_error)" and side_label(pca.claim, "a") == "crop_flip"
 
 
+def test_coverage_names_runs_the_grid_file_defines_that_have_not_run(tmp_path):
+    """A cell with no run at all has no row to count seeds in: the coverage note counts the grid file's own runs."""
+    from ablations.grid import expand, load_grid as grid_file
+    from reports.load import coverage
+    specs = expand(grid_file("smoke"), "gpu")
+    done = [s for s in specs if dict(s.axes)["activation"] == "relu"]  # every tanh cell still to run
+    write_grid(tmp_path, "smoke", [{**dict(s.axes), "seed": s.seed} for s in done], [], target=None)
+    runs = pd.read_csv(tmp_path / "smoke" / "runs.csv").assign(run_id=[s.run_id for s in done])
+    runs.to_csv(tmp_path / "smoke" / "runs.csv", index=False)
+    notes = coverage(load_grid(tmp_path, "smoke"))
+    assert f"{len(specs) - len(done)} of the {len(specs)} runs the grid file defines are not done yet" in notes[0]
+    assert not any(n.startswith("complete") for n in notes) and "" not in notes
+    write_grid(tmp_path / "all", "smoke", [{**dict(s.axes), "seed": s.seed} for s in specs], [], target=None)
+    runs = pd.read_csv(tmp_path / "all" / "smoke" / "runs.csv").assign(run_id=[s.run_id for s in specs])
+    runs.to_csv(tmp_path / "all" / "smoke" / "runs.csv", index=False)
+    assert any(n.startswith("complete: 4 cell(s) x 2 seed(s)") for n in coverage(load_grid(tmp_path / "all", "smoke")))
+
+
 def test_one_seed_gives_no_interval_and_says_so(tmp_path):
     write_grid(tmp_path, "lrn", lrn_runs([0], effect_points=1.0), [LRN_CLAIM], target=None)
     (r,) = evaluate(load_grid(tmp_path, "lrn"))
