@@ -25,7 +25,7 @@ from reports.load import (CENSORABLE, METRICS, GridResults, canon, copied, cover
 from reports.stats import LEVEL, N_RESAMPLES, RNG_SEED, cell_summary
 
 ERRORS = {"train_error", "clean_train_error", "val_error", "test_error", "test_error_top5", "test_error_at_best_val",
-          "gap"}
+          "test_error_1view", "gap"}
 RULE = f"""\
 Each claim compares two values of one axis (side a against side b) on one metric, run by run with the same seed.
 Error metrics are compared in percentage points. Every other axis that varies on its own (not the claim's axis, its
@@ -264,7 +264,7 @@ def _precision_counts(runs: pd.DataFrame) -> str:
 
 
 def _shown_metrics(grid: GridResults) -> list[str]:
-    claimed = [c.get("metric") for c in grid.meta.get("claims", [])]
+    claimed = [c.get(k) for c in grid.meta.get("claims", []) for k in ("metric", "a_metric", "b_metric")]
     if any(m == "epochs_to_target" for m in claimed):
         claimed.append("seconds_to_target")
     shown = ["test_error", "clean_train_error" if grid.runs.get("clean_train_error", pd.Series()).notna().any()
@@ -281,6 +281,10 @@ def _cells(grid: GridResults) -> pd.DataFrame:
     axes = display_axes(grid.runs, grid.axes)
     by = axes or ["grid"]
     cells = cell_summary(runs, by, METRICS)
+    # a cell of unconverged runs is a point, not a verdict; a run that stops at a target has no plateau to reach
+    if "converged" in runs and runs.converged.notna().any() and not (grid.meta.get("early_stop") or {}).get("metric"):
+        done = runs.converged.map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
+        cells["converged"] = done.groupby([runs[b] for b in by], sort=False, dropna=False).sum().to_numpy()
     for m in CENSORABLE:
         flag = f"{m}_censored"
         if flag in runs:
@@ -291,10 +295,12 @@ def _cells(grid: GridResults) -> pd.DataFrame:
 def _cells_markdown(grid: GridResults, cells: pd.DataFrame) -> list[str]:
     axes = display_axes(grid.runs, grid.axes)
     metrics = _shown_metrics(grid)
-    head = [*axes, "n", *[f"{m} (%)" if m in ERRORS else m for m in metrics]]
+    converged = "converged" in cells
+    head = [*axes, "n", *(["converged"] if converged else []), *[f"{m} (%)" if m in ERRORS else m for m in metrics]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, c in cells.iterrows():
         values = [canon(c[a]) for a in axes] + [str(int(c["n"]))]
+        values += [f"{int(c['converged'])} of {int(c['n'])}"] if converged else []
         for m in metrics:
             k = 100 if m in ERRORS else 1
             text = _num(c.get(m), k)

@@ -296,6 +296,20 @@ def test_coverage_names_runs_the_grid_file_defines_that_have_not_run(tmp_path):
     assert any(n.startswith("complete: 4 cell(s) x 2 seed(s)") for n in coverage(load_grid(tmp_path / "all", "smoke")))
 
 
+def test_the_cell_table_counts_converged_runs_where_training_has_no_target(tmp_path):
+    from reports.render import _cells, _cells_markdown
+    runs = [{"lrn": lrn, "seed": s, "test_error": 0.3, "converged": lrn or s == 0} for lrn in (False, True)
+            for s in range(3)]
+    write_grid(tmp_path, "lrn", runs, [LRN_CLAIM], target=None)
+    grid = load_grid(tmp_path, "lrn")
+    lines = _cells_markdown(grid, _cells(grid))
+    assert lines[0].startswith("| lrn | n | converged |")
+    assert lines[2].startswith("| False | 3 | 1 of 3 |") and lines[3].startswith("| True | 3 | 3 of 3 |")
+    write_grid(tmp_path / "t", "lrn", runs, [LRN_CLAIM], target=0.25)  # runs that stop at a target: no column
+    grid = load_grid(tmp_path / "t", "lrn")
+    assert "converged" not in _cells_markdown(grid, _cells(grid))[0]
+
+
 def test_one_seed_gives_no_interval_and_says_so(tmp_path):
     write_grid(tmp_path, "lrn", lrn_runs([0], effect_points=1.0), [LRN_CLAIM], target=None)
     (r,) = evaluate(load_grid(tmp_path, "lrn"))
