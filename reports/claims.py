@@ -133,7 +133,9 @@ def claims_of(grid: GridResults) -> list[Claim]:
             out.append(dataclasses.replace(
                 claim, id=f"{claim.id}/seconds", metric="seconds_to_target", paper=None, secondary=True,
                 tune_metric="epochs_to_target", title=f"{claim.title}: the same runs in training seconds"))
-        if "top5" in claim.also and cifar100 and ("test_error_top5", *key) not in declared:
+        # top-5 has no plain-view reading: a claim with a side on another metric gets no top-5 line
+        if "top5" in claim.also and cifar100 and ("test_error_top5", *key) not in declared and \
+                not (claim.a_metric or claim.b_metric):
             out.append(dataclasses.replace(claim, id=f"{claim.id}/top5", metric="test_error_top5", paper=None,
                                            secondary=True, title=f"{claim.title} (top-5)"))
         if "efficiency" in claim.also:

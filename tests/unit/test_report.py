@@ -357,6 +357,10 @@ def test_data_parallel_gets_efficiency_and_cifar100_gets_top5(tmp_path):
     speed, eff = results[0], results[1]
     assert eff.interval.estimate == pytest.approx(speed.interval.estimate / 2)
     assert eff.ours_text().startswith("90%")
+    views = [{**LRN_CLAIM, "axis": "devices", "a": 1, "b": 1, "a_metric": "test_error_1view", "id": "views",
+              "also": ["top5"]}]  # no plain-view top-5 is recorded: no top-5 line
+    write_grid(tmp_path / "v", "gpus", runs, views, target=None, dataset="cifar100")
+    assert [c.id for c in claims_of(load_grid(tmp_path / "v", "gpus"))] == ["views"]
 
 
 # ---------------------------------------------------------------- loading errors and the rendered report
