@@ -117,18 +117,22 @@ def regime_check(claim: Claim, used: dict[str, pd.DataFrame], cens: dict[str, in
         return "unknown", ("no clean (eval-mode) training error was recorded for these runs, so over-fitting "
                            "cannot be measured fairly; rerun the grid")
     gap = 100 * float((side_a.test_error - side_a.clean_train_error).mean())
-    converged = both.converged.map(lambda v: str(v).strip().lower() in ("true", "1", "1.0")) \
-        if "converged" in both else pd.Series(False, index=both.index)
+    def done(runs: pd.DataFrame) -> pd.Series:
+        return runs.converged.map(lambda v: str(v).strip().lower() in ("true", "1", "1.0")) \
+            if "converged" in runs else pd.Series(False, index=runs.index)
+    converged = done(both)
     words = f"unregularised gap {gap:.1f} points (needs >= {OVERFIT_POINTS:g}); {int(converged.sum())} of " \
             f"{len(both)} runs converged"
+    why = []  # every condition that fails, not only the first
     if gap < OVERFIT_POINTS:
-        return f"not reached: {words}", (f"{side_label(claim, 'a')} does not over-fit here (test error "
-                                         f"{gap:.1f} points above its clean training error, fewer than "
-                                         f"{OVERFIT_POINTS:g}): a regulariser has nothing to cure")
+        why.append(f"{side_label(claim, 'a')} does not over-fit here (test error {gap:.1f} points above its clean "
+                   f"training error, fewer than {OVERFIT_POINTS:g}): a regulariser has nothing to cure")
     if not converged.all():
-        return f"not reached: {words}", (f"{int((~converged).sum())} of {len(both)} runs had not converged (fewer "
-                                         f"than two rate drops and validation error still moving)")
-    return f"reached: {words}", ""
+        which = "; ".join(f"{side_label(claim, k)} seed(s) {', '.join(str(int(x)) for x in sorted(seeds))}"
+                          for k, seeds in ((k, used[k].seed[~done(used[k])]) for k in ("a", "b")) if len(seeds))
+        why.append(f"{int((~converged).sum())} of {len(both)} runs had not converged (fewer than two rate drops "
+                   f"and validation error still moving: {which})")
+    return (f"not reached: {words}", "; and ".join(why)) if why else (f"reached: {words}", "")
 
 
 def _normalising(both: pd.DataFrame) -> tuple[str, str]:

@@ -577,7 +577,7 @@ OVERFIT_CLAIM = {"id": "dropout", "paper_claim": "dropout", "title": "Dropout na
 
 
 @pytest.mark.parametrize("clean_a, converged, expected", [(0.05, True, MEASURED), (0.25, True, NOT_TESTABLE),
-                                                          (0.05, False, NOT_TESTABLE)])
+                                                          (0.05, False, NOT_TESTABLE), (0.25, False, NOT_TESTABLE)])
 def test_an_overfitting_claim_needs_a_net_that_overfits_and_has_converged(tmp_path, clean_a, converged, expected):
     runs = []
     for seed in range(3):
@@ -590,6 +590,23 @@ def test_an_overfitting_claim_needs_a_net_that_overfits_and_has_converged(tmp_pa
     assert r.verdict.startswith(expected), r.reason
     if clean_a == 0.25:
         assert "does not over-fit here" in r.reason and "6.0 points" in r.reason
+    if not converged:  # every failed condition is named, with the runs that fail it
+        assert "6 of 6 runs had not converged" in r.reason
+        assert "dropout=0 seed(s) 0, 1, 2; dropout=0.5 seed(s) 0, 1, 2" in r.reason
+
+
+def test_a_not_testable_reason_names_the_unconverged_seeds_of_each_side(tmp_path):
+    runs = []
+    for seed in range(3):
+        runs.append({"dropout": 0.0, "seed": seed, "test_error": 0.30, "clean_train_error": 0.0, "converged": True,
+                     "learned": True})
+        runs.append({"dropout": 0.5, "seed": seed, "test_error": 0.28, "clean_train_error": 0.20,
+                     "converged": seed == 0, "learned": True})
+    write_grid(tmp_path, "dropout", runs, [OVERFIT_CLAIM], target=None)
+    (r,) = evaluate(load_grid(tmp_path, "dropout"))
+    assert r.verdict == NOT_TESTABLE and "does not over-fit" not in r.reason
+    assert r.reason.endswith("2 of 6 runs had not converged (fewer than two rate drops and validation error still "
+                             "moving: dropout=0.5 seed(s) 1, 2)"), r.reason
 
 
 @pytest.mark.parametrize("spread, testable", [(1.64, True), (1.003, False), (None, False)])
