@@ -329,9 +329,10 @@ def coverage(grid: GridResults) -> list[str]:
 
 def pending_runs(grid: GridResults) -> tuple[int, int]:
     """(runs the grid file defines at the recorded budget and overrides that have not finished, runs it defines);
-    (0, 0) when no finished run is one of them (results from elsewhere, or of an earlier definition)."""
+    (0, 0) when no finished run is one of them (results from elsewhere, or of an earlier definition), and for a
+    tuned grid, whose confirmation runs depend on the selection (its coverage counts both parts)."""
     seeds = defined_seeds(grid)
-    if seeds is None:
+    if seeds is None or grid.meta.get("tune"):
         return 0, 0
     try:
         ids = defined_run_ids(load_grid_file(grid.name), grid.meta.get("budget") or "gpu",

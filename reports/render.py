@@ -21,7 +21,7 @@ from reports.verdicts import (INCONCLUSIVE, LARGER, MEASURED, NO_DATA, NO_EFFECT
 from reports.figures import forest_figure, grid_figures
 from reports.output import write_text
 from reports.load import (CENSORABLE, METRICS, GridResults, canon, copied, coverage, display_axes, load_results,
-                          machine_seconds)
+                          machine_seconds, pending_runs)
 from reports.stats import LEVEL, N_RESAMPLES, RNG_SEED, cell_summary
 
 ERRORS = {"train_error", "clean_train_error", "val_error", "test_error", "test_error_top5", "test_error_at_best_val",
@@ -360,6 +360,14 @@ def readme_block(report: Report) -> list[str]:
     labels = sorted({r.dataset_label for r in report.results if r.dataset_label})
     lines += ["", f"Data: {', '.join(labels) or 'none yet'}. Each verdict's reason, the regime its runs reached and "
                   f"the rule: [`results/report/REPORT.md`](results/report/REPORT.md)."]
+    pending = []
+    for g in report.grids:
+        n, total = pending_runs(g)
+        if n:
+            pending.append(f"{g.name} {n} of {total} (`ablate run --grid {g.name} --budget "
+                           f"{g.meta.get('budget') or 'gpu'}`)")
+    if pending:  # a claim row that reads "no data" or few seeds says why here, not only in REPORT.md
+        lines += ["", "Runs the grid files define that are not trained yet: " + "; ".join(pending) + "."]
     return lines
 
 

@@ -290,10 +290,15 @@ def test_coverage_names_runs_the_grid_file_defines_that_have_not_run(tmp_path):
     notes = coverage(load_grid(tmp_path, "smoke"))
     assert f"{len(specs) - len(done)} of the {len(specs)} runs the grid file defines are not done yet" in notes[0]
     assert not any(n.startswith("complete") for n in notes) and "" not in notes
+    from reports.render import build_report, readme_block
+    assert readme_block(build_report(tmp_path, ["smoke"]))[-1] == (
+        f"Runs the grid files define that are not trained yet: smoke {len(specs) - len(done)} of {len(specs)} "
+        f"(`ablate run --grid smoke --budget gpu`).")
     write_grid(tmp_path / "all", "smoke", [{**dict(s.axes), "seed": s.seed} for s in specs], [], target=None)
     runs = pd.read_csv(tmp_path / "all" / "smoke" / "runs.csv").assign(run_id=[s.run_id for s in specs])
     runs.to_csv(tmp_path / "all" / "smoke" / "runs.csv", index=False)
     assert any(n.startswith("complete: 4 cell(s) x 2 seed(s)") for n in coverage(load_grid(tmp_path / "all", "smoke")))
+    assert "not trained yet" not in " ".join(readme_block(build_report(tmp_path / "all", ["smoke"])))
 
 
 def test_the_cell_table_counts_converged_runs_where_training_has_no_target(tmp_path):
