@@ -97,7 +97,7 @@ def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
 def epoch_columns(rows: list[dict]) -> list[str]:
     """EPOCH_COLUMNS, with the plain-view test columns after the top-5 error where the rows have them: a
     single-view run's epochs.csv keeps exactly the standard columns."""
-    if not any(c in r for r in rows[:1] for c in VIEW_COLUMNS):
+    if not rows or VIEW_COLUMNS[0] not in rows[0]:
         return EPOCH_COLUMNS
     at = EPOCH_COLUMNS.index("test_error_top5") + 1
     return EPOCH_COLUMNS[:at] + VIEW_COLUMNS + EPOCH_COLUMNS[at:]
