@@ -99,15 +99,17 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _parse_seeds(value: str | None) -> list[int] | None:
-    """`--seeds 3` means seeds 0,1,2; `--seeds 0,4,7` means exactly those."""
+    """`--seeds 3` means seeds 0,1,2; `--seeds 0,4,7` means exactly those; a comma makes a list of one (`--seeds 5,`
+    is seed 5 alone, `--seeds 0,` seed 0)."""
     if value is None:
         return None
     try:
         parts = [int(p) for p in value.split(",") if p.strip()]
     except ValueError:
         raise UserError(f"--seeds {value!r}: give a count (3) or a comma-separated list (0,4,7)") from None
-    if not parts or any(p < 0 for p in parts) or (len(parts) == 1 and parts[0] == 0):
-        raise UserError(f"--seeds {value!r}: give a positive count (3) or a list of non-negative seeds (0,4,7)")
+    if not parts or any(p < 0 for p in parts) or (len(parts) == 1 and parts[0] == 0 and "," not in value):
+        raise UserError(f"--seeds {value!r}: give a positive count (3) or a list of non-negative seeds (0,4,7; "
+                        f"one seed alone as 0,)")
     from ablations.grid import MAX_SEEDS
     if (parts[0] if len(parts) == 1 and "," not in value else len(parts)) > MAX_SEEDS or max(parts) >= 2 ** 31:
         raise UserError(f"--seeds {value!r}: at most {MAX_SEEDS} seeds, each below 2^31")
@@ -139,7 +141,8 @@ _run_options = [
                       "or auto: gpu on a CUDA device, cpu otherwise."),
     click.option("--dataset", type=click.Choice(list(DATASETS)), help="Override the data set."),
     click.option("--epochs", type=int, help="Override the epoch cap of every run."),
-    click.option("--seeds", help="A count (3: seeds 0, 1, 2) or a list (0,4,7); default: the grid's seeds."),
+    click.option("--seeds", help="A count (3: seeds 0, 1, 2) or a list (0,4,7; one seed alone: 0,); default: the "
+                                 "grid's seeds."),
     click.option("--width", type=float, help="Override the width multiplier of the model."),
     click.option("--subset", type=int, help="Train on this many images (a fixed shuffle; 0 = all)."),
     click.option("--test-subset", type=int, help="Evaluate on this many test images (0 = all)."),

@@ -223,3 +223,16 @@ def test_key_value_overrides_reach_every_spec_and_its_run_id():
                                                                              "lrn": True}
     with pytest.raises(UserError, match="not a Cartesian axis"):
         expand(grid, "cpu", overrides=parse_overrides(["axes.pooling=[\"seed\"]"]))
+
+
+@pytest.mark.parametrize("value,seeds", [("3", [0, 1, 2]), ("0,4,7", [0, 4, 7]), ("5,", [5]), ("0,", [0])])
+def test_seeds_option_reads_a_count_or_a_list_where_a_comma_makes_a_list_of_one(value, seeds):
+    from runners.cli import _parse_seeds
+    assert _parse_seeds(value) == seeds
+
+
+@pytest.mark.parametrize("value", ["0", ",", "-1", "1,1"])
+def test_seeds_option_refuses_no_seeds_negative_or_repeated_ones(value):
+    from runners.cli import _parse_seeds
+    with pytest.raises(UserError, match="--seeds"):
+        _parse_seeds(value)
