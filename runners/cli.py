@@ -107,13 +107,14 @@ def _parse_seeds(value: str | None) -> list[int] | None:
         parts = [int(p) for p in value.split(",") if p.strip()]
     except ValueError:
         raise UserError(f"--seeds {value!r}: give a count (3) or a comma-separated list (0,4,7)") from None
-    if not parts or any(p < 0 for p in parts) or (len(parts) == 1 and parts[0] == 0 and "," not in value):
+    count = len(parts) == 1 and "," not in value  # a lone number is a count; a comma makes a list
+    if not parts or any(p < 0 for p in parts) or (count and parts[0] == 0):
         raise UserError(f"--seeds {value!r}: give a positive count (3) or a list of non-negative seeds (0,4,7; "
                         f"one seed alone as 0,)")
     from ablations.grid import MAX_SEEDS
-    if (parts[0] if len(parts) == 1 and "," not in value else len(parts)) > MAX_SEEDS or max(parts) >= 2 ** 31:
+    if (parts[0] if count else len(parts)) > MAX_SEEDS or max(parts) >= 2 ** 31:
         raise UserError(f"--seeds {value!r}: at most {MAX_SEEDS} seeds, each below 2^31")
-    if len(parts) == 1 and "," not in value:
+    if count:
         return list(range(parts[0]))
     if len(set(parts)) != len(parts):
         raise UserError(f"--seeds {value!r}: a seed is listed twice")

@@ -103,13 +103,18 @@ def run_grid(request: GridRequest, reporter: PlainReporter | None = None, comman
 
 def write_grid_json(store: Store, grid: Grid, specs: list[RunSpec], budget: str, overrides: dict | None,
                     datasets: dict, command: str | None) -> None:
-    """results/<grid>/grid.json: what the report needs to know about the grid and the command that ran it."""
+    """results/<grid>/grid.json: what the report needs to know about the grid and the command that ran it.
+
+    The command is the one that made the runs: a run of a grid whose every run is done keeps the recorded one."""
     gdir = store.grid_dir(grid.name)
     gdir.mkdir(parents=True, exist_ok=True)
     first = next(iter(datasets.values()))
+    command = command or "ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if all(store.is_done(grid.name, s.run_id) for s in specs):
+        command = (store.read_grid_json(grid.name) or {}).get("command") or command
     atomic_write_json(store.grid_json(grid.name), {
         **grid.to_json(), "budget": budget, "overrides": overrides or {},
-        "command": command or "ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": command,
         "dataset": specs[0].dataset, "dataset_label": first.meta.get("label", specs[0].dataset),
         "model": ", ".join(dict.fromkeys(s.model.arch for s in specs)), "epochs": specs[0].epochs,
         "run_seeds": sorted({s.seed for s in specs}),

@@ -213,6 +213,13 @@ class Store:
     def grid_json(self, grid: str) -> Path:
         return self.grid_dir(grid) / GRID_JSON
 
+    def read_grid_json(self, grid: str) -> dict | None:
+        """grid.json, or None where there is none (or it is unreadable)."""
+        try:
+            return json.loads(self.grid_json(grid).read_text())
+        except (OSError, ValueError):
+            return None
+
     def make_run_dir(self, grid: str, run_id: str) -> Path:
         """Create (or find) a run's folder, refusing any link between the results folder and it: a planted link
         would send spec.json, epochs.csv and model.pt outside --out."""

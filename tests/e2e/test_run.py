@@ -45,8 +45,9 @@ def _without_timing(df: pd.DataFrame) -> pd.DataFrame:
         .reset_index(drop=True)
 
 
-def test_smoke_grid_end_to_end_and_rerun_trains_nothing(tmp_path, data_dir):
+def test_smoke_grid_end_to_end_and_rerun_trains_nothing(tmp_path, data_dir, monkeypatch):
     runner = CliRunner()
+    monkeypatch.setattr(sys, "argv", ["ablate", *_args(tmp_path, data_dir)])
     first = runner.invoke(main, _args(tmp_path, data_dir))
     assert first.exit_code == 0, first.output
     runs = pd.read_csv(tmp_path / "smoke" / "runs.csv")
@@ -64,12 +65,18 @@ def test_smoke_grid_end_to_end_and_rerun_trains_nothing(tmp_path, data_dir):
     assert runs.dataset_label.iloc[0].startswith("CIFAR-10")
     assert (tmp_path / "smoke" / "grid.json").exists()
 
+    command = json.loads((tmp_path / "smoke" / "grid.json").read_text())["command"]
+    assert command.startswith("ablate run --grid smoke") and "--jobs" not in command
+
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "smoke" / "runs").rglob("*") if p.is_file()}
+    monkeypatch.setattr(sys, "argv", ["ablate", *_args(tmp_path, data_dir, "--jobs", "2")])
     second = runner.invoke(main, _args(tmp_path, data_dir))
     assert second.exit_code == 0, second.output
     assert "0 trained, 8 already done" in second.output
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "smoke" / "runs").rglob("*") if p.is_file()}
     assert before == after
+    # grid.json names the command that made the runs, not the re-run that trained nothing
+    assert json.loads((tmp_path / "smoke" / "grid.json").read_text())["command"] == command
 
 
 def test_dry_run_trains_nothing(tmp_path, data_dir):
