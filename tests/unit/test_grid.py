@@ -52,14 +52,14 @@ def test_precision_grid_pairs_fp32_and_bf16_runs_of_each_model_by_seed():
 def test_budget_and_overrides():
     grid = load_grid("lrn")
     cpu = expand(grid, "cpu")
-    assert {s.model.width for s in cpu} == {0.5} and {s.seed for s in cpu} == {0, 1, 2}
+    assert {s.model.width for s in cpu} == {0.25} and {s.seed for s in cpu} == {0, 1, 2}
     conditions = {(dict(s.axes)["condition"], s.preprocess, s.model.init) for s in cpu}
     # the cpu budget gives the paper row PyTorch's init (the paper's stays at chance at this size); gpu keeps it
     assert conditions == {("paper", "paper", "default"), ("modern", "standard", "default")}
     gpu = {(dict(s.axes)["condition"], s.preprocess, s.model.init) for s in expand(grid)}
     assert gpu == {("paper", "paper", "paper"), ("modern", "standard", "default")}
-    small = expand(grid, "cpu", overrides={"epochs": 2, "width": 0.25}, seeds=[5])
-    assert {(s.epochs, s.model.width, s.seed) for s in small} == {(2, 0.25, 5)}
+    small = expand(grid, "cpu", overrides={"epochs": 2, "width": 0.125}, seeds=[5])
+    assert {(s.epochs, s.model.width, s.seed) for s in small} == {(2, 0.125, 5)}
     with pytest.raises(UserError, match="no budget 'tiny'"):
         expand(grid, "tiny")
     with pytest.raises(UserError, match="epochs must be >= 1"):
