@@ -2,6 +2,7 @@
 passes, and how long one check takes. A benchmark, not a test: run it on a quiet machine and commit its output.
 
     python -m tests.benchmarks.gate_power --trials 20 --slowdown 0.10
+    python -m tests.benchmarks.gate_power --trials 20 --slowdown 0.10 --resume   # finish an interrupted study
 
 Each trial is one full `ablate bench --against HEAD` check (its own worktree, calibration and pairs), alternately
 of the unchanged tree and of the tree with every timed call made `slowdown` slower (a busy-wait of that fraction
@@ -59,27 +60,50 @@ def summary(rows: pd.DataFrame, slowdown: float, tolerance: float) -> dict:
     }
 
 
+def pending_checks(done: set[tuple[int, str]], trials: int) -> list[tuple[int, str]]:
+    """The checks still to run, in the study's order (unchanged then slowed, trial by trial): `done` holds the
+    (trial, tree) pairs an earlier, interrupted study already measured, so `--resume` adds to it, never repeats."""
+    return [(t, kind) for t in range(trials) for kind in ("unchanged", "slowed") if (t, kind) not in done]
+
+
+def earlier_rows(csv_path: Path, slowdown: float) -> list[dict]:
+    """The rows of an interrupted study at the same slowdown; a different slowdown is a different study."""
+    if not csv_path.exists():
+        return []
+    old = pd.read_csv(csv_path, keep_default_na=False)
+    stalls = set(old.loc[old.tree == "slowed", "stall"])
+    if stalls and stalls != {slowdown}:
+        raise SystemExit(f"{csv_path} measured a slowdown of {sorted(stalls)}, not {slowdown}: "
+                         f"resume with --slowdown {sorted(stalls)[0]}, or move that file away to start afresh")
+    return old.to_dict("records")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=20, help="checks of each tree (unchanged, slowed)")
     ap.add_argument("--slowdown", type=float, default=0.10)
     ap.add_argument("--out", type=Path, default=Path("results/bench"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the checks this processor's CSV already holds and run only the missing ones")
     args = ap.parse_args()
     name = f"gate-power-{here_key('cpu')[1]}"  # model and instruction set: two EPYCs differ
     csv_path, json_path = args.out / f"{name}.csv", args.out / f"{name}.json"
     cases, why = paired.machine_cases()  # what `ablate bench --against` times here: the fp32 forms without native bf16
     if why:
         print(why)
-    rows: list[dict] = []
-    for t in range(args.trials):
-        for kind, stall in (("unchanged", 0.0), ("slowed", args.slowdown)):
-            r = paired.against(paired.PairedConfig(rev="HEAD", cases=cases, stall=stall), say=lambda _: None)
-            rows += trial_rows(t, kind, r)
-            print(f"trial {t + 1}/{args.trials} {kind}: {r.verdict} ({r.seconds:.0f} s)", flush=True)
-            table = pd.DataFrame(rows)
-            args.out.mkdir(parents=True, exist_ok=True)
-            table.to_csv(csv_path, index=False)  # after every check: an interrupted study keeps what it measured
-            atomic_write_json(json_path, summary(table, args.slowdown, paired.TOLERANCE))
+    rows = earlier_rows(csv_path, args.slowdown) if args.resume else []
+    todo = pending_checks({(int(r["trial"]), r["tree"]) for r in rows}, args.trials)
+    if rows:
+        print(f"resuming {csv_path}: {2 * args.trials - len(todo)} checks kept, {len(todo)} to run")
+    for t, kind in todo:
+        stall = args.slowdown if kind == "slowed" else 0.0
+        r = paired.against(paired.PairedConfig(rev="HEAD", cases=cases, stall=stall), say=lambda _: None)
+        rows += trial_rows(t, kind, r)
+        print(f"trial {t + 1}/{args.trials} {kind}: {r.verdict} ({r.seconds:.0f} s)", flush=True)
+        table = pd.DataFrame(rows)
+        args.out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(csv_path, index=False)  # after every check: an interrupted study keeps what it measured
+        atomic_write_json(json_path, summary(table, args.slowdown, paired.TOLERANCE))
     print(json_path.read_text())
 
 

@@ -245,3 +245,26 @@ def test_gate_power_counts_the_gates_verdicts_and_keeps_every_pair():
     assert s["undecided"] == {"unchanged": 1, "slowed": 0}
     assert s["per case"]["a"]["caught"] == "1 of 2" and s["per case"]["b"]["passed unchanged"] == "1 of 2"
     assert table.pair_ratios[0].split() == [f"{x:.4f}" for x in flat]
+
+
+def test_gate_power_resumes_an_interrupted_study_without_repeating_a_check(tmp_path):
+    from tests.benchmarks import gate_power
+
+    flat = [1.0 + 0.002 * (i % 3) for i in range(16)]
+
+    def result(stall):
+        return paired.PairedResult("HEAD", "abc", paired.TOLERANCE, (paired.case_result("a", flat, paired.TOLERANCE),),
+                                   seconds=150.0, stall=stall)
+
+    csv = tmp_path / "gate-power-x.csv"
+    rows = gate_power.trial_rows(0, "unchanged", result(0.0)) + gate_power.trial_rows(0, "slowed", result(0.1))
+    gate_power.pd.DataFrame(rows).to_csv(csv, index=False)
+    rows = gate_power.earlier_rows(csv, 0.1)
+    assert {(r["trial"], r["tree"]) for r in rows} == {(0, "unchanged"), (0, "slowed")}
+    s = gate_power.summary(gate_power.pd.DataFrame(rows), 0.1, paired.TOLERANCE)  # the kept rows still count
+    assert s["passed unchanged"] == "1 of 1" and s["caught"] == "0 of 1"
+    assert gate_power.pending_checks({(0, "unchanged"), (0, "slowed"), (1, "unchanged")}, 3) == [
+        (1, "slowed"), (2, "unchanged"), (2, "slowed")]
+    assert gate_power.earlier_rows(tmp_path / "none.csv", 0.1) == []
+    with pytest.raises(SystemExit, match="--slowdown 0.1"):
+        gate_power.earlier_rows(csv, 0.2)  # another slowdown is another study: never mixed into this one
