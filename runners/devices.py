@@ -77,19 +77,23 @@ def cpu_capability() -> str:
         return ""
 
 
-EMULATED_BF16 = ("this CPU has no native bf16 (oneDNN reports no bf16 support: no AVX512 or AMX), so PyTorch "
-                 "emulates it, an order of magnitude slower than fp32")
+EMULATED_BF16 = ("this CPU has no native bf16 (no AVX512-BF16 or AMX instructions), so PyTorch emulates it, slower "
+                 "than fp32 (an order of magnitude with AVX2 only)")
 
 
 @functools.cache
 def native_bf16(device_type: str = "cpu") -> bool:
-    """Whether bf16 convolutions and matmuls have a hardware path here. On a CPU that is oneDNN's bf16 support
-    (AVX512 or AMX on x86); without it PyTorch emulates bf16, an order of magnitude slower than fp32, so a bf16
-    run or benchmark there measures the emulation, not the suite. Where PyTorch cannot say, assume it is native."""
+    """Whether bf16 convolutions and matmuls have a hardware path here. On an x86 CPU that takes AVX512-BF16 or AMX:
+    oneDNN also reports bf16 support on plain AVX512, where it emulates bf16 slower than fp32 (and without AVX512 an
+    order of magnitude slower), so a bf16 run or benchmark there measures the emulation, not the suite. Where
+    PyTorch cannot say, assume native."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return onednn  # an Arm CPU: oneDNN's answer is the hardware's
+        return onednn and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return True
 

@@ -208,6 +208,26 @@ def test_bf16_runs_on_a_cpu_without_native_bf16_are_named_in_one_line(monkeypatc
     assert devices.emulated_bf16_note(specs, cpu, "smoke") == ""
 
 
+def test_native_bf16_takes_the_instructions_not_onednns_word_on_x86(monkeypatch):
+    """oneDNN says it supports bf16 on plain AVX512, where bf16 trains slower than fp32: native takes AVX512-BF16
+    or AMX on x86; on Arm, oneDNN's answer stands."""
+    import runners.devices as devices
+    check = devices.native_bf16.__wrapped__  # uncached
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    flags = {"avx512_bf16": False, "amx": False}
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags["avx512_bf16"])
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: flags["amx"])
+    monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
+    assert check("cpu") is False  # AVX512 and VNNI only: emulated
+    flags["amx"] = True
+    assert check("cpu") is True
+    flags.update(amx=False, avx512_bf16=True)
+    assert check("cpu") is True
+    flags["avx512_bf16"] = False
+    monkeypatch.setattr(devices.platform, "machine", lambda: "aarch64")
+    assert check("cpu") is True
+
+
 def test_the_gate_times_fp32_forms_of_every_case_where_bf16_is_emulated():
     from runners.bench import worker
     native, emulated = worker.default_cases(True), worker.default_cases(False)
