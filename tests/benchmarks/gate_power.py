@@ -66,8 +66,8 @@ def pending_checks(done: set[tuple[int, str]], trials: int) -> list[tuple[int, s
     return [(t, kind) for t in range(trials) for kind in ("unchanged", "slowed") if (t, kind) not in done]
 
 
-def earlier_rows(csv_path: Path, slowdown: float) -> list[dict]:
-    """The rows of an interrupted study at the same slowdown; a different slowdown is a different study."""
+def earlier_rows(csv_path: Path, slowdown: float, cases: tuple[str, ...]) -> list[dict]:
+    """The rows of an interrupted study of the same cases at the same slowdown; anything else is another study."""
     if not csv_path.exists():
         return []
     old = pd.read_csv(csv_path, keep_default_na=False)
@@ -75,6 +75,9 @@ def earlier_rows(csv_path: Path, slowdown: float) -> list[dict]:
     if stalls and stalls != {slowdown}:
         raise SystemExit(f"{csv_path} measured a slowdown of {sorted(stalls)}, not {slowdown}: "
                          f"resume with --slowdown {sorted(stalls)[0]}, or move that file away to start afresh")
+    if set(old.case) != set(cases):
+        raise SystemExit(f"{csv_path} timed other cases than the gate times here ({', '.join(sorted(set(old.case)))}): "
+                         f"move that file away to start afresh")
     return old.to_dict("records")
 
 
@@ -91,7 +94,7 @@ def main() -> None:
     cases, why = paired.machine_cases()  # what `ablate bench --against` times here: the fp32 forms without native bf16
     if why:
         print(why)
-    rows = earlier_rows(csv_path, args.slowdown) if args.resume else []
+    rows = earlier_rows(csv_path, args.slowdown, cases) if args.resume else []
     todo = pending_checks({(int(r["trial"]), r["tree"]) for r in rows}, args.trials)
     if rows:
         print(f"resuming {csv_path}: {2 * args.trials - len(todo)} checks kept, {len(todo)} to run")

@@ -259,12 +259,14 @@ def test_gate_power_resumes_an_interrupted_study_without_repeating_a_check(tmp_p
     csv = tmp_path / "gate-power-x.csv"
     rows = gate_power.trial_rows(0, "unchanged", result(0.0)) + gate_power.trial_rows(0, "slowed", result(0.1))
     gate_power.pd.DataFrame(rows).to_csv(csv, index=False)
-    rows = gate_power.earlier_rows(csv, 0.1)
+    rows = gate_power.earlier_rows(csv, 0.1, ("a",))
     assert {(r["trial"], r["tree"]) for r in rows} == {(0, "unchanged"), (0, "slowed")}
     s = gate_power.summary(gate_power.pd.DataFrame(rows), 0.1, paired.TOLERANCE)  # the kept rows still count
     assert s["passed unchanged"] == "1 of 1" and s["caught"] == "0 of 1"
     assert gate_power.pending_checks({(0, "unchanged"), (0, "slowed"), (1, "unchanged")}, 3) == [
         (1, "slowed"), (2, "unchanged"), (2, "slowed")]
-    assert gate_power.earlier_rows(tmp_path / "none.csv", 0.1) == []
+    assert gate_power.earlier_rows(tmp_path / "none.csv", 0.1, ("a",)) == []
     with pytest.raises(SystemExit, match="--slowdown 0.1"):
-        gate_power.earlier_rows(csv, 0.2)  # another slowdown is another study: never mixed into this one
+        gate_power.earlier_rows(csv, 0.2, ("a",))  # another slowdown is another study: never mixed into this one
+    with pytest.raises(SystemExit, match="other cases"):
+        gate_power.earlier_rows(csv, 0.1, ("a fp32",))  # the gate's cases changed (bf16 found emulated): afresh
