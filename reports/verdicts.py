@@ -95,12 +95,18 @@ def regime_check(claim: Claim, used: dict[str, pd.DataFrame], cens: dict[str, in
         return ("unknown: an earlier recipe",
                 f"{int(legacy.sum())} of {len(both)} runs predate the validation split and the paper-recipe "
                 f"switches; rerun the grid")
+    words, why = _regime(claim, used, both, cens)
     if claim.metric not in THROUGHPUT_METRICS and "learned" in both:
         flat = both.learned.map(lambda v: str(v).strip().lower() in ("false", "0", "0.0"))
-        if flat.any():
-            return (NETS_AT_CHANCE,
-                    f"{int(flat.sum())} of {len(both)} runs did not learn (final training loss at chance or a "
-                    f"single predicted class), so any difference is between nets that predict nothing")
+        if flat.any():  # named first, with the regime's own failures after it: fixing one may not make it testable
+            chance = (f"{int(flat.sum())} of {len(both)} runs did not learn (final training loss at chance or a "
+                      f"single predicted class), so any difference is between nets that predict nothing")
+            return NETS_AT_CHANCE, "; and ".join(w for w in (chance, why) if w)
+    return words, why
+
+
+def _regime(claim: Claim, used: dict[str, pd.DataFrame], both: pd.DataFrame, cens: dict[str, int]) -> tuple[str, str]:
+    """The claim's own regime condition (target crossed, over-fitting and converged, LRN acting), chance aside."""
     if claim.regime == "normalising":
         return _normalising(both)
     if claim.regime != "overfitting":

@@ -633,6 +633,23 @@ def test_a_normalising_claim_needs_lrn_to_act_in_every_lrn_run(tmp_path, spread,
         assert "no LRN factor was recorded" in r.reason
 
 
+def test_a_claim_names_every_regime_failure_not_only_the_nets_at_chance(tmp_path):
+    runs = lrn_runs(range(3), effect_points=1.4, noise_points=0.05)
+    for r in runs:
+        r["learned"] = not (r["lrn"] and r["seed"] == 1)  # one LRN run at chance
+        if r["lrn"]:
+            r["lrn_factor_spread"] = 1.0  # and LRN a constant scale: retraining that run would not make it testable
+    write_grid(tmp_path, "lrn", runs, [{**LRN_CLAIM, "regime": "normalising"}], target=None)
+    (r,) = evaluate(load_grid(tmp_path, "lrn"))
+    assert r.verdict == NOT_TESTABLE and r.regime == "not reached: nets at chance", r.regime
+    assert r.reason.startswith("1 of 6 runs did not learn") and "; and LRN did not normalise in 3 of 3" in r.reason
+    for r_ in runs:
+        r_["lrn_factor_spread"] = 1.6 if r_["lrn"] else None
+    write_grid(tmp_path / "acting", "lrn", runs, [{**LRN_CLAIM, "regime": "normalising"}], target=None)
+    (r,) = evaluate(load_grid(tmp_path / "acting", "lrn"))
+    assert r.verdict == NOT_TESTABLE and "did not learn" in r.reason and "normalise" not in r.reason, r.reason
+
+
 def test_the_fair_gap_is_test_minus_clean_training_error(tmp_path):
     runs = [{"dropout": 0.0, "seed": 0, "test_error": 0.30, "train_error": 0.60, "clean_train_error": 0.10}]
     write_grid(tmp_path, "dropout", runs, [OVERFIT_CLAIM], target=None)
