@@ -15,7 +15,8 @@ the odd disturbed process, no normality assumed):
 - undecided: neither: the machine was too noisy to tell ("undecided, re-run"), never reported as a pass.
 
 Two looks, both planned: `pairs` pairs of every case, then `recheck_pairs` more of only the cases still undecided,
-decided on all their pairs. Each look reads its interval at CONFIDENCE (94%, so each one-sided decision at 97%: by
+decided on all their pairs; none when the first look already found a case slower (the gate fails either way, and a
+look not taken can add no false alarm). Each look reads its interval at CONFIDENCE (94%, so each one-sided decision at 97%: by
 Bonferroni the two looks together err at most 6% per side, and by simulation about 4.5% at the boundary, Pocock's
 rule for two equal looks). Looking after every pair instead would inflate the false alarms without bound.
 
@@ -305,7 +306,10 @@ def compare_trees(cfg: PairedConfig, head: Path, base: Path, say: Callable[[str]
     ratios: dict[str, list[float]] = {c: [] for c in cases}
     measure_pairs(cfg, trees, cases, units, concurrent, ratios, cfg.pairs, lambda i: say(f"pair {i}/{cfg.pairs}"))
     results = {c: case_result(c, ratios[c], cfg.tolerance) for c in cases}
-    again = [c for c in cases if results[c].verdict == "undecided"] if cfg.recheck_pairs else []
+    failed = [c for c in cases if results[c].verdict == "slower"]  # the gate fails whatever a second look says
+    again = [c for c in cases if results[c].verdict == "undecided"] if cfg.recheck_pairs and not failed else []
+    if failed and any(r.verdict == "undecided" for r in results.values()):
+        say(f"slower with confidence at the first look: {', '.join(failed)}; no second look")
     if again:
         say(f"undecided: {', '.join(again)}; measuring those {cfg.recheck_pairs} pairs more")
         measure_pairs(cfg, trees, again, units, concurrent, ratios, cfg.recheck_pairs,

@@ -108,6 +108,29 @@ def test_the_second_look_measures_only_the_cases_the_first_left_undecided(tmp_pa
     assert one_look.rechecked == () and {len(c.ratios) for c in one_look.cases} == {16}
 
 
+def test_no_second_look_once_a_case_is_slower_at_the_first(tmp_path, monkeypatch):
+    """A case 20% slower in every process fails the gate at the first look; the swinging case it would otherwise
+    recheck stays undecided, and no worker runs after the first 16 pairs."""
+    calls: list[list[str]] = []
+
+    def run(tree, job):
+        if not job["units"]:
+            return {"unit_seconds": {c: 1e-3 for c in job["cases"]}}
+        calls.append(list(job["cases"]))
+        pair = (len(calls) - 1) // 2
+        head = tree.name == "head"
+        factor = {"slow": 1.2 if head else 1.0, "shaky": (1.12 if pair % 2 else 0.92) if head else 1.0}
+        return {"seconds": {c: [1e-3 * factor[c]] * job["calls"] for c in job["cases"]}}
+
+    monkeypatch.setattr(paired, "run_worker", run)
+    said: list[str] = []
+    cfg = paired.PairedConfig(cases=("slow", "shaky"), concurrent=False, calls=1)
+    r = paired.compare_trees(cfg, tmp_path / "head", tmp_path / "base", say=said.append)
+    assert r.verdict == "slower" and r.exit_code == 3 and r.rechecked == ()
+    assert [c.verdict for c in r.cases] == ["slower", "undecided"] and len(calls) == 32
+    assert "slower with confidence at the first look: slow; no second look" in said
+
+
 def test_two_looks_keep_each_decision_near_its_nominal_error_by_simulation():
     """At the boundary of each promise (an unchanged tree never 'slower' beyond a 1.05 ratio; a 10% slowdown never
     'ok'), the two looks together err about as often as one look at 95% one-sided: Pocock's rule."""
