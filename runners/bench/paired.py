@@ -16,9 +16,10 @@ the odd disturbed process, no normality assumed):
 
 Two looks, both planned: `pairs` pairs of every case, then `recheck_pairs` more of only the cases still undecided,
 decided on all their pairs; none when the first look already found a case slower (the gate fails either way, and a
-look not taken can add no false alarm). Each look reads its interval at CONFIDENCE (94%, so each one-sided decision at 97%: by
-Bonferroni the two looks together err at most 6% per side, and by simulation about 4.5% at the boundary, Pocock's
-rule for two equal looks). Looking after every pair instead would inflate the false alarms without bound.
+look not taken can add no false alarm). Each look reads its interval at CONFIDENCE (94%, so each one-sided
+decision at 97%: by Bonferroni the two looks together err at most 6% per side, and by simulation about 4.5% at
+the boundary, Pocock's rule for two equal looks). Looking after every pair instead would inflate the false alarms
+without bound.
 
 A fresh process per measurement also samples what a single process fixes once (memory layout, thread placement).
 """
