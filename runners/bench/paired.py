@@ -22,6 +22,9 @@ the boundary, Pocock's rule for two equal looks). Looking after every pair inste
 without bound.
 
 A fresh process per measurement also samples what a single process fixes once (memory layout, thread placement).
+Within a process, each case's timed calls are taken round robin over the cases (a burst of load slows one call of
+several cases, not every call of one) and a case reads their median: of three, of nine for the input pipeline,
+whose short memory-bound calls vary most from call to call.
 """
 from __future__ import annotations
 
@@ -61,6 +64,8 @@ class PairedConfig:
     calls: int = 3  # timed calls per case per process, which reads their median: mostly the spread between
     # processes limits the interval, but the 10-crop evaluation also varies from call to call, and its first
     # call after the warm-up runs slow; a median of three drops that call
+    pipeline_calls: int = 9  # the input pipeline's calls vary most from call to call, even within a process (its
+    # memory-bound work meets the other core's), and cost least: a median of nine
     threads: int = 1  # one thread: steadier than two on a shared 2-core machine
     stall: float = 0.0  # inject a slowdown of this fraction into head (busy-wait after each timed call)
 
@@ -255,7 +260,7 @@ def usable_cases(cfg: PairedConfig, trees: dict[str, Path]) -> tuple[list[str], 
     for case in cfg.cases:
         for side, tree in trees.items():
             try:
-                run_worker(tree, {"cases": [case], "units": {}, "calls": 1, "threads": cfg.threads, "stall": 0})
+                run_worker(tree, {"cases": [case], "units": {}, "threads": cfg.threads, "stall": 0})
             except RuntimeError as err:
                 skipped[case] = f"does not run in {side}: {err}"
                 break
@@ -268,7 +273,7 @@ def calibrate(cfg: PairedConfig, trees: dict[str, Path], concurrent: bool) -> di
     """One untimed pass of every case in each tree: head's sizes each case's timed call, base's shows that every
     case builds there. Side by side where the pairs will be (half the wait, and under the same load); a
     RuntimeError when either fails, once both have ended."""
-    job = {"cases": list(cfg.cases), "units": {}, "calls": 1, "threads": cfg.threads, "stall": 0}
+    job = {"cases": list(cfg.cases), "units": {}, "threads": cfg.threads, "stall": 0}
     if not concurrent:
         return {side: run_worker(tree, job) for side, tree in trees.items()}
     procs = {side: start_worker(tree, job) for side, tree in trees.items()}
@@ -302,7 +307,7 @@ def compare_trees(cfg: PairedConfig, head: Path, base: Path, say: Callable[[str]
         if not cases:
             raise UserError("no gate case runs in both trees: " + "; ".join(f"{c} {w}" for c, w in skipped.items())
                             ) from None
-        calib = run_worker(head, {"cases": cases, "units": {}, "calls": 1, "threads": cfg.threads, "stall": 0})
+        calib = run_worker(head, {"cases": cases, "units": {}, "threads": cfg.threads, "stall": 0})
     units = units_for(calib["unit_seconds"], cfg.call_seconds)
     ratios: dict[str, list[float]] = {c: [] for c in cases}
     measure_pairs(cfg, trees, cases, units, concurrent, ratios, cfg.pairs, lambda i: say(f"pair {i}/{cfg.pairs}"))
@@ -325,7 +330,8 @@ def measure_pairs(cfg: PairedConfig, trees: dict[str, Path], cases: list[str], u
                   concurrent: bool, ratios: dict[str, list[float]], n: int, progress: Callable[[int], None]) -> None:
     """n pairs of head and base workers over `cases` in ABBA order; each pair's head/base time ratio per case is
     appended to ratios[case]."""
-    jobs = {side: {"cases": cases, "units": {c: units[c] for c in cases}, "calls": cfg.calls,
+    calls = {c: cfg.pipeline_calls if worker.CASES.get(c, ("",))[0] == "pipeline" else cfg.calls for c in cases}
+    jobs = {side: {"cases": cases, "units": {c: units[c] for c in cases}, "calls": calls,
                    "threads": cfg.threads, "stall": cfg.stall if side == "head" else 0.0} for side in trees}
     for i in range(n):
         order = ("head", "base") if i % 2 == 0 else ("base", "head")

@@ -5,11 +5,12 @@ model family, training step, BatchAugmenter, evaluate, train_run), so both trees
 code under test differs. This file imports nothing of the suite at module level: it must not pull in the asking
 tree's modules before the tree under test is on sys.path.
 
-Input, one JSON object on argv[1]: {"tree", "cases", "units" (work per timed call, {} to calibrate), "calls",
-"threads", "stall", and optionally "lockstep"}. With lockstep, the worker prints "ready" before each timed call and
-waits for a line on stdin: the gate releases head's and base's calls together. Output, one JSON line on stdout:
-{"runners": the imported package's folder, "seconds": {case: [seconds per unit of work, one per timed call]}} or,
-when calibrating, {"unit_seconds": {case: seconds}}.
+Input, one JSON object on argv[1]: {"tree", "cases", "units" (work per timed call, {} to calibrate), "calls" (timed
+calls of each case, {case: n}, taken round robin over the cases), "threads", "stall", and optionally "lockstep"}.
+With lockstep, the worker prints "ready" before each timed call and waits for a line on stdin: the gate releases
+head's and base's calls together. Output, one JSON line on stdout: {"runners": the imported package's folder,
+"seconds": {case: [seconds per unit of work, one per timed call]}} or, when calibrating, {"unit_seconds": {case:
+seconds}}.
 """
 from __future__ import annotations
 
@@ -141,6 +142,7 @@ def measure(job: dict) -> dict:
     calibrating = not job["units"]
     out: dict[str, object] = {"runners": str(here), "seconds": {}, "unit_seconds": {}}
     with tempfile.TemporaryDirectory(prefix="ablate-gate-") as tmp:
+        runs = {}
         for name in job["cases"]:
             make = build(name, data, raw, device, Path(tmp))
             if calibrating:
@@ -150,10 +152,15 @@ def measure(job: dict) -> dict:
                 one()
                 out["unit_seconds"][name] = time.perf_counter() - t0
                 continue
-            run, units = sized(make, int(job["units"][name]), cap(name, data))
-            run()  # warm-up on the timed call itself: its shapes (an evaluation's last batch) get their primitives
-            times = []
-            for _ in range(int(job["calls"])):
+            runs[name] = sized(make, int(job["units"][name]), cap(name, data))
+            runs[name][0]()  # warm-up on the timed call itself: its shapes (an evaluation's last batch) get
+            # their primitives
+            out["seconds"][name] = []
+        for i in range(max((int(job["calls"][n]) for n in runs), default=0)):
+            for name, (run, units) in runs.items():  # round robin over the cases: a burst of the host's load
+                # slows one call of several cases rather than every call of one, and each case's median drops it
+                if i >= int(job["calls"][name]):
+                    continue
                 if job.get("lockstep"):
                     wait_for_go()
                 t0 = time.perf_counter()
@@ -162,8 +169,7 @@ def measure(job: dict) -> dict:
                 if job["stall"]:
                     spin(job["stall"] * took)
                     took = time.perf_counter() - t0
-                times.append(took / units)
-            out["seconds"][name] = times
+                out["seconds"][name].append(took / units)
     return out
 
 

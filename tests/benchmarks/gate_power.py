@@ -48,6 +48,8 @@ def summary(rows: pd.DataFrame, slowdown: float, tolerance: float) -> dict:
         "device_name": device_name(pick_device("cpu")), "date": datetime.now().isoformat(timespec="seconds"),
         "tolerance": tolerance, "slowdown": slowdown, "pairs": paired.PairedConfig().pairs,
         "recheck pairs": paired.PairedConfig().recheck_pairs, "confidence per look": paired.CONFIDENCE,
+        "timed calls per process": {"pipeline": paired.PairedConfig().pipeline_calls,
+                                    "other cases": paired.PairedConfig().calls},
         "checks with a recheck": int(rows.groupby(["trial", "tree"]).rechecked.any().sum())
         if "rechecked" in rows else 0,
         "caught": f"{(slowed.gate == 'slower').sum()} of {len(slowed)}",

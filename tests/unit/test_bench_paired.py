@@ -63,7 +63,7 @@ def simulated(slowdown: float, noise: float, seed: int = 0):
         if not job["units"]:
             return {"unit_seconds": {c: 1e-3 for c in job["cases"]}}
         factor = 1 + slowdown if tree.name == "head" else 1.0
-        return {"seconds": {c: [1e-3 * factor * math.exp(rng.gauss(0, noise)) for _ in range(job["calls"])]
+        return {"seconds": {c: [1e-3 * factor * math.exp(rng.gauss(0, noise)) for _ in range(job["calls"][c])]
                             for c in job["cases"]}}
     return run
 
@@ -74,7 +74,8 @@ def test_compare_trees_on_simulated_timings(tmp_path, monkeypatch, slowdown, noi
     # seed 1: under noise this large a false "slower" happens (about 6% of seeds, as a 95% one-sided rule on two
     # cases allows); this test is about the common outcome
     monkeypatch.setattr(paired, "run_worker", simulated(slowdown, noise, seed=1))
-    cfg = paired.PairedConfig(cases=("train convnet4 bf16", "pipeline none"), concurrent=False, calls=2)
+    cfg = paired.PairedConfig(cases=("train convnet4 bf16", "pipeline none"), concurrent=False, calls=2,
+                              pipeline_calls=2)
     r = paired.compare_trees(cfg, tmp_path / "head", tmp_path / "base", say=lambda _: None)
     assert r.verdict == expected and r.exit_code == exit_code
     planned = {cfg.pairs} if expected != "undecided" else {cfg.pairs + cfg.recheck_pairs}
@@ -94,7 +95,7 @@ def test_the_second_look_measures_only_the_cases_the_first_left_undecided(tmp_pa
         calls.append(list(job["cases"]))
         pair = (len(calls) - 1) // 2
         swing = (1.12 if pair % 2 else 0.92) if pair < 16 and tree.name == "head" else 1.0
-        return {"seconds": {c: [1e-3 * (swing if c == "shaky" else 1.0)] * job["calls"] for c in job["cases"]}}
+        return {"seconds": {c: [1e-3 * (swing if c == "shaky" else 1.0)] * job["calls"][c] for c in job["cases"]}}
 
     monkeypatch.setattr(paired, "run_worker", run)
     cfg = paired.PairedConfig(cases=("steady", "shaky"), concurrent=False, calls=1)
@@ -120,7 +121,7 @@ def test_no_second_look_once_a_case_is_slower_at_the_first(tmp_path, monkeypatch
         pair = (len(calls) - 1) // 2
         head = tree.name == "head"
         factor = {"slow": 1.2 if head else 1.0, "shaky": (1.12 if pair % 2 else 0.92) if head else 1.0}
-        return {"seconds": {c: [1e-3 * factor[c]] * job["calls"] for c in job["cases"]}}
+        return {"seconds": {c: [1e-3 * factor[c]] * job["calls"][c] for c in job["cases"]}}
 
     monkeypatch.setattr(paired, "run_worker", run)
     said: list[str] = []
@@ -293,3 +294,13 @@ def test_gate_power_resumes_an_interrupted_study_without_repeating_a_check(tmp_p
         gate_power.earlier_rows(csv, 0.2, ("a",))  # another slowdown is another study: never mixed into this one
     with pytest.raises(SystemExit, match="other cases"):
         gate_power.earlier_rows(csv, 0.1, ("a fp32",))  # the gate's cases changed (bf16 found emulated): afresh
+
+
+def test_a_worker_times_each_case_as_often_as_asked_and_the_pipeline_most():
+    cases = ["pipeline none", "train convnet4 fp32"]
+    out = paired.run_worker(paired.head_tree(), {"cases": cases, "units": {c: 1 for c in cases},
+                                                 "calls": {"pipeline none": 5, "train convnet4 fp32": 2},
+                                                 "threads": 1, "stall": 0})
+    assert {c: len(v) for c, v in out["seconds"].items()} == {"pipeline none": 5, "train convnet4 fp32": 2}
+    cfg = paired.PairedConfig()
+    assert cfg.pipeline_calls > cfg.calls, "the noisiest, cheapest case gets the longest median"
