@@ -191,19 +191,13 @@ def _recorded_plan(results: Path, name: str, budget: str, overrides: dict, seeds
     """Where the grid's last `ablate run` at this budget used overrides (grid.json) and none are asked for now:
     how many of that plan's runs are done. Those are the runs its report reads, though they are not the grid's own
     settings, so `show --all` counts them apart rather than as pending work nobody did."""
-    import json
-
     from ablations.grid import expand, load_grid
-    from runners.store import GRID_JSON
 
-    try:
-        meta = json.loads((results / name / GRID_JSON).read_text())
-    except (OSError, ValueError):
-        return {}
+    store = Store(results)
+    meta = store.read_grid_json(name) or {}
     recorded = meta.get("overrides") or {}
     if overrides or not recorded or meta.get("budget") != budget:
         return {}
-    store = Store(results)
     specs = expand(load_grid(name), budget, dict(recorded), seeds)
     return {"recorded_overrides": recorded, "done_with_recorded_overrides": sum(store.is_done(name, s.run_id)
                                                                                   for s in specs)}

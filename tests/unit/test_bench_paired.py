@@ -84,20 +84,27 @@ def test_compare_trees_on_simulated_timings(tmp_path, monkeypatch, slowdown, noi
     assert words[expected] in paired.result_lines(r)[-1]
 
 
-def test_the_second_look_measures_only_the_cases_the_first_left_undecided(tmp_path, monkeypatch):
-    """A case steady in every process decides at the first look; a case whose head time swings +12% / -8% in the
-    first 16 pairs and settles afterwards is measured again alone, and decided on all 32 of its pairs."""
-    calls: list[list[str]] = []
-
+def recording_worker(calls: list, factor):
+    """A run_worker stand-in that records each measuring worker's cases in `calls` and times each case at 1 ms a
+    unit times factor(case, pair, is head)."""
     def run(tree, job):
         if not job["units"]:
             return {"unit_seconds": {c: 1e-3 for c in job["cases"]}}
         calls.append(list(job["cases"]))
         pair = (len(calls) - 1) // 2
-        swing = (1.12 if pair % 2 else 0.92) if pair < 16 and tree.name == "head" else 1.0
-        return {"seconds": {c: [1e-3 * (swing if c == "shaky" else 1.0)] * job["calls"][c] for c in job["cases"]}}
+        return {"seconds": {c: [1e-3 * factor(c, pair, tree.name == "head")] * job["calls"][c]
+                            for c in job["cases"]}}
+    return run
 
-    monkeypatch.setattr(paired, "run_worker", run)
+
+def test_the_second_look_measures_only_the_cases_the_first_left_undecided(tmp_path, monkeypatch):
+    """A case steady in every process decides at the first look; a case whose head time swings +12% / -8% in the
+    first 16 pairs and settles afterwards is measured again alone, and decided on all 32 of its pairs."""
+    calls: list[list[str]] = []
+
+    def factor(case, pair, head):
+        return (1.12 if pair % 2 else 0.92) if case == "shaky" and pair < 16 and head else 1.0
+    monkeypatch.setattr(paired, "run_worker", recording_worker(calls, factor))
     cfg = paired.PairedConfig(cases=("steady", "shaky"), concurrent=False, calls=1)
     r = paired.compare_trees(cfg, tmp_path / "head", tmp_path / "base", say=lambda _: None)
     assert r.rechecked == ("shaky",) and r.verdict == "ok"
@@ -114,16 +121,9 @@ def test_no_second_look_once_a_case_is_slower_at_the_first(tmp_path, monkeypatch
     recheck stays undecided, and no worker runs after the first 16 pairs."""
     calls: list[list[str]] = []
 
-    def run(tree, job):
-        if not job["units"]:
-            return {"unit_seconds": {c: 1e-3 for c in job["cases"]}}
-        calls.append(list(job["cases"]))
-        pair = (len(calls) - 1) // 2
-        head = tree.name == "head"
-        factor = {"slow": 1.2 if head else 1.0, "shaky": (1.12 if pair % 2 else 0.92) if head else 1.0}
-        return {"seconds": {c: [1e-3 * factor[c]] * job["calls"][c] for c in job["cases"]}}
-
-    monkeypatch.setattr(paired, "run_worker", run)
+    def factor(case, pair, head):
+        return {"slow": 1.2, "shaky": 1.12 if pair % 2 else 0.92}[case] if head else 1.0
+    monkeypatch.setattr(paired, "run_worker", recording_worker(calls, factor))
     said: list[str] = []
     cfg = paired.PairedConfig(cases=("slow", "shaky"), concurrent=False, calls=1)
     r = paired.compare_trees(cfg, tmp_path / "head", tmp_path / "base", say=said.append)
