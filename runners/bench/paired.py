@@ -64,8 +64,8 @@ class PairedConfig:
     calls: int = 3  # timed calls per case per process, which reads their median: mostly the spread between
     # processes limits the interval, but the 10-crop evaluation also varies from call to call, and its first
     # call after the warm-up runs slow; a median of three drops that call
-    pipeline_calls: int = 9  # the input pipeline's calls vary most from call to call, even within a process (its
-    # memory-bound work meets the other core's), and cost least: a median of nine
+    pipeline_calls: int = 9  # the input pipeline's short calls vary most from call to call, even timed within one
+    # process (results/bench/gate-calls-probe-*.txt), and cost least: a median of nine
     threads: int = 1  # one thread: steadier than two on a shared 2-core machine
     stall: float = 0.0  # inject a slowdown of this fraction into head (busy-wait after each timed call)
 
